@@ -1,0 +1,43 @@
+"""`hybridflow-mg`: parse the command line, hand over to one command module, turn user errors into one line.
+
+Each command lives in `hybridflow_mg/commands/<name>.py` with `add_parser(subparsers)` and `run(args)`;
+they import heavy libraries (torch, megatron-core, vLLM) only inside `run`, so `--help` and the
+planning commands stay instant. User mistakes (ValueError, LaunchError, missing files) print one line
+`hybridflow-mg: error: ...` and exit 2; set HYBRIDFLOW_DEBUG=1 to see the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from hybridflow_mg import __version__
+
+COMMANDS = ("grid",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybridflow-mg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hybridflow-mg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"hybridflow_mg.commands.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except Exception as e:  # noqa: BLE001 - the user-error types below become one line
+        from hybridflow_mg.dist.launch import LaunchError
+
+        if os.environ.get("HYBRIDFLOW_DEBUG") or not isinstance(e, (ValueError, LaunchError, FileNotFoundError)):
+            raise
+        print(f"hybridflow-mg: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

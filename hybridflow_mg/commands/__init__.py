@@ -1,0 +1,1 @@
+"""One module per `hybridflow-mg` command; see `hybridflow_mg/cli.py`."""

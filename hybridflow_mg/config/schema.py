@@ -1,0 +1,99 @@
+"""The config tree: one keyword-only dataclass per component, each field documented.
+
+Presets live in `configs/*.yaml`; `load.py` fills these from YAML and `a.b=value` overrides. Each
+`__post_init__` checks what can be checked without knowing the world size; the layout against the
+world is checked by `dist.layout.ParallelLayout` when the run starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class TrainParallelConfig:
+    """The training layout of every model (actor, critic, reference, reward): Megatron's grid."""
+
+    tp: int = 1
+    """Tensor-parallel size t: each weight matrix is split over t ranks."""
+    pp: int = 1
+    """Pipeline-parallel size p: the layers are split into p stages."""
+    vpp: int = 1
+    """Virtual pipeline chunks per stage (interleaved schedule); 1 means off, >1 needs pp > 1."""
+    dp: int | None = None
+    """Data-parallel size d; left out, it is world / (tp·pp). Given, tp·pp·dp must equal the world."""
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "vpp"):
+            _positive(name, getattr(self, name))
+        if self.dp is not None:
+            _positive("dp", self.dp)
+        if self.vpp > 1 and self.pp == 1:
+            raise ValueError(f"vpp={self.vpp} needs pp > 1 (virtual stages interleave real ones); set vpp=1 or pp>1")
+
+
+@dataclass(kw_only=True)
+class GenParallelConfig:
+    """The generation (rollout) layout of the actor inside vLLM: HybridFlow's p_g-t_g-d_g-d."""
+
+    tp: int | None = None
+    """Generation tensor-parallel size t_g; left out, it equals the training tp."""
+    pp: int = 1
+    """Generation pipeline size p_g (vLLM PP under external_launcher is limited; 1 is the usual)."""
+
+    def __post_init__(self):
+        if self.tp is not None:
+            _positive("tp", self.tp)
+        _positive("pp", self.pp)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Both layouts of the 3D-HybridEngine; d_g = tp·pp / (gen.tp·gen.pp) micro-DP ranks per shard."""
+
+    train: TrainParallelConfig = field(default_factory=TrainParallelConfig)
+    """Megatron layout for training and for every model's forward passes."""
+    gen: GenParallelConfig = field(default_factory=GenParallelConfig)
+    """vLLM layout for sampling."""
+
+
+@dataclass(kw_only=True)
+class DistConfig:
+    """How the processes find each other and talk."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """Collective backend: auto picks NCCL when CUDA is present, else gloo."""
+    timeout_minutes: int = 30
+    """Collective timeout; a hung rank fails the run after this long instead of hanging forever."""
+
+    def __post_init__(self):
+        _positive("timeout_minutes", self.timeout_minutes)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    name: str = "run"
+    """Run name: the run directory is output_dir/name."""
+    output_dir: str = "runs"
+    """Parent folder of run directories (resolved config, metrics, checkpoints)."""
+    seed: int = 1234
+    """Seed of every random stream (data order, init, sampling)."""
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything one `hybridflow-mg` run needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run name, output folder, seed."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Training and generation layouts."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Process-group backend and timeouts."""

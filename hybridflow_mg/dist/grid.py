@@ -1,0 +1,132 @@
+"""The one grid object: the layouts (`ParallelLayout`), this rank's place in them, and every process group.
+
+`Grid.create(layout)` starts megatron-core's parallel state for the training layout (gloo on CPU,
+NCCL on GPU), checks that megatron-core built exactly the groups the layout plans, and creates the
+HybridFlow groups megatron-core does not know: micro-DP groups (the only reshard traffic), the
+generation TP/PP groups, and the generation replicas. Everything else in the package asks the grid,
+never `parallel_state` or `torch.distributed.get_rank()` directly, for parallel facts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from hybridflow_mg.dist.layout import GenCoord, ParallelLayout, TrainCoord
+
+
+def _subgroup(groups: list[list[int]], rank: int, created: list) -> dist.ProcessGroup:
+    """Create every group in `groups` (all ranks take part, as torch requires) and return ours."""
+    mine = None
+    for ranks in groups:
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+            created.append(group)
+    assert mine is not None, f"rank {rank} is in none of {groups}"
+    return mine
+
+
+@dataclass
+class Grid:
+    layout: ParallelLayout
+    rank: int
+    device: torch.device
+    backend: str
+    train: TrainCoord = field(init=False)
+    gen: GenCoord = field(init=False)
+    # megatron-core's groups (training layout)
+    tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    model_parallel_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    # HybridFlow's groups (generation layout)
+    micro_dp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    gen_tp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    gen_pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    gen_replica_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    _owned: list = field(default_factory=list, repr=False)
+
+    def __post_init__(self):
+        self.train = self.layout.train_coord(self.rank)
+        self.gen = self.layout.gen_coord(self.rank)
+
+    @classmethod
+    def create(cls, layout: ParallelLayout, device: torch.device | None = None) -> "Grid":
+        """Build all groups; torch.distributed must already run over exactly `layout.world` ranks."""
+        from megatron.core import parallel_state as mpu
+
+        if not dist.is_initialized():
+            raise RuntimeError("start torch.distributed first (hybridflow_mg.dist.launch.init_distributed)")
+        if dist.get_world_size() != layout.world:
+            raise ValueError(f"the layout plans {layout.world} ranks but {dist.get_world_size()} were launched; "
+                             f"launch {layout.world} processes or change the layout")
+        rank = dist.get_rank()
+        device = device or torch.device("cpu")
+        grid = cls(layout=layout, rank=rank, device=device, backend=dist.get_backend())
+
+        if mpu.model_parallel_is_initialized():
+            mpu.destroy_model_parallel()
+        mpu.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        )
+        grid.tp_group = mpu.get_tensor_model_parallel_group()
+        grid.pp_group = mpu.get_pipeline_model_parallel_group()
+        grid.dp_group = mpu.get_data_parallel_group()
+        grid.model_parallel_group = mpu.get_model_parallel_group()
+        grid._check_megatron_matches_plan()
+
+        grid.micro_dp_group = _subgroup(layout.micro_dp_groups, rank, grid._owned)
+        grid.gen_tp_group = _subgroup(layout.gen_tp_groups, rank, grid._owned)
+        grid.gen_pp_group = _subgroup(layout.gen_pp_groups, rank, grid._owned)
+        grid.gen_replica_group = _subgroup(layout.gen_replica_groups, rank, grid._owned)
+        return grid
+
+    def _check_megatron_matches_plan(self) -> None:
+        from megatron.core import parallel_state as mpu
+
+        lay = self.layout
+        for name, group, planned in (("tp", self.tp_group, lay.tp_groups), ("pp", self.pp_group, lay.pp_groups),
+                                     ("dp", self.dp_group, lay.dp_groups),
+                                     ("model-parallel", self.model_parallel_group, lay.model_parallel_groups)):
+            ranks = dist.get_process_group_ranks(group)
+            mine = next(g for g in planned if self.rank in g)
+            if sorted(ranks) != mine:
+                raise RuntimeError(f"megatron-core's {name} group {ranks} differs from the planned {mine}")
+        got = (mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank(), mpu.get_data_parallel_rank())
+        if got != (self.train.tp, self.train.pp, self.train.dp):
+            raise RuntimeError(f"megatron-core places rank {self.rank} at tp,pp,dp={got}, the plan at {self.train}")
+
+    # --- facts ---------------------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        return self.layout.world
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.train.pp == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.train.pp == self.layout.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """One rank writes metrics, configs and summaries: global rank 0."""
+        return self.rank == 0
+
+    def group_ranks(self, name: str) -> list[int]:
+        """World ranks of this rank's group `name` (tp, pp, dp, model_parallel, micro_dp, gen_tp, ...)."""
+        return dist.get_process_group_ranks(getattr(self, f"{name}_group"))
+
+    def destroy(self) -> None:
+        """Tear down every group this grid made (megatron-core's too); the default group stays."""
+        from megatron.core import parallel_state as mpu
+
+        for group in self._owned:
+            dist.destroy_process_group(group)
+        self._owned.clear()
+        mpu.destroy_model_parallel()

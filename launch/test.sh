@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (idempotently) and run the whole test suite. Extra arguments go to pytest.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+bash launch/setup.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# pytest exits 5 when it collected no test; that is a failure here, as is any other non-zero code.
+exec .venv/bin/python -m pytest tests -q -ra "$@"
