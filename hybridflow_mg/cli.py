@@ -14,7 +14,7 @@ import sys
 
 from hybridflow_mg import __version__
 
-COMMANDS = ("grid",)
+COMMANDS = ("config", "grid")
 
 
 def build_parser() -> argparse.ArgumentParser:

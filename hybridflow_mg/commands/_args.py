@@ -12,7 +12,7 @@ def parse_sizes(text: str, allowed: tuple[str, ...], flag: str) -> dict[str, int
         if not sep:
             raise ValueError(f"{flag} {text!r}: write sizes as key=value, e.g. {flag} {allowed[0]}=2")
         if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"{flag}: unknown size {key!r}{hint}; valid: {', '.join(allowed)}")
         try:

@@ -144,7 +144,7 @@ class ParallelLayout:
         out: dict = {}
         for r in range(self.world):
             out.setdefault(key(r), []).append(r)
-        return [out[k] for k in sorted(out)]
+        return sorted(out.values())  # each group ascending; groups ordered by their lowest rank
 
     @cached_property
     def tp_groups(self) -> list[list[int]]:
