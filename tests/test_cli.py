@@ -43,7 +43,7 @@ def test_config_command_prints_resolved_yaml():
     (("grid", "--world", "8", "--train", "tp=2,pp=2", "--gen", "tp=3"), "does not divide the training tp·pp"),
     (("grid", "--world", "8", "--train", "tp=0,pp=2"), "must be a positive integer"),
     (("grid", "--world", "8", "--train", "tp=2,pp=1,vpp=2"), "needs pp > 1"),
-    (("grid", "--world", "8", "--train", "tp=2,pq=1"), "unknown size 'pq' (did you mean 'pp'?)"),
+    (("grid", "--world", "8", "--train", "tp=2,ppp=1"), "unknown size 'ppp' (did you mean 'pp'?)"),
     (("config", "configs/base.yaml", "parallel.train.tpp=2"), "did you mean 'parallel.train.tp'?"),
     (("config", "configs/base.yaml", "parallel.train.tp=3", "--world", "8"), "does not divide the world of 8"),
     (("config", "configs/missing.yaml"), "does not exist"),
