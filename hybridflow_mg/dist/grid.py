@@ -66,6 +66,10 @@ class Grid:
         device = device or torch.device("cpu")
         grid = cls(layout=layout, rank=rank, device=device, backend=dist.get_backend())
 
+        if device.type == "cpu":
+            from hybridflow_mg.dist.cpu_shims import apply_cpu_shims
+
+            apply_cpu_shims()
         if mpu.model_parallel_is_initialized():
             mpu.destroy_model_parallel()
         mpu.initialize_model_parallel(
