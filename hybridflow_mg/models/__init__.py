@@ -1,0 +1,1 @@
+"""Models: per-parameter layouts (`layouts`, `rowmaps`); builders and HF I/O land here too."""
