@@ -149,7 +149,7 @@ def test_tied_embeddings_and_value_head_rules():
     critic = {r.key: r for r in rules_for(make_dims(head="value"))}
     assert "output" not in critic
     head = critic["value_head"]
-    assert name(head, "hf") == "score.weight" and name(head, "mcore") == "value_head.weight"
+    assert name(head, "hf") == "score.weight" and name(head, "mcore") == "output_layer.weight"
     assert shard_shape(head, "mcore", make_dims(head="value"), 4) == (1, 64)
     assert shard_index(head, "mcore", make_dims(head="value"), 4, 3).tolist() == [0]
 

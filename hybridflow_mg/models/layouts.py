@@ -261,9 +261,9 @@ RULES: tuple[ParamRule, ...] = (
     ParamRule("final_norm", ("model.norm.weight",), "decoder.final_layernorm.weight", "model.norm.weight"),
     ParamRule("output", ("lm_head.weight",), "output_layer.weight", "lm_head.weight",
               kind="vocab", dim=0, parts=("vocab",), trailing=("hidden",)),
-    # Our name for the critic / reward head. GPTModel has no such module: the critic builder is to
-    # add a replicated [1, hidden] linear under this name on the last stage, instead of output_layer.
-    ParamRule("value_head", ("score.weight",), "value_head.weight", "score.weight",
+    # Critic / reward head: models/build.py puts a replicated [1, hidden] `ValueHead` in place of
+    # GPTModel's output_layer on the last stage, so it keeps GPTModel's name for the head.
+    ParamRule("value_head", ("score.weight",), "output_layer.weight", "score.weight",
               parts=("one",), trailing=("hidden",)),
 )
 RULES_BY_KEY = {rule.key: rule for rule in RULES}

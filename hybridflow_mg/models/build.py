@@ -1,0 +1,135 @@
+"""The four roles as megatron-core `GPTModel`s on the grid: actor, reference (LM head), critic, reward (value head).
+
+`build_model` returns one GPTModel per virtual-pipeline chunk of this rank. The model files stay
+architecture only: parallelism comes from the grid's megatron-core state, weights from `hf_io`, the
+layer implementation from `specs`. Two small additions to GPTModel happen here and nowhere else:
+
+- a value model's `output_layer` is a replicated `ValueHead` ([1, hidden], HF `score.weight`), so
+  the model returns [batch, seq, 1] values instead of logits;
+- an LM's padded vocab columns (Megatron pads the vocab to a multiple of divisor·tp) are set to
+  -inf by a forward hook on `output_layer`, so padded rows are never sampled and never enter a loss
+  or an entropy; their gradients are zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hybridflow_mg.models.hf_spec import ModelSpec, check_layout, rope_inv_freq
+from hybridflow_mg.models.specs import layer_spec, resolve
+
+ROLES = {"actor": "lm", "ref": "lm", "critic": "value", "reward": "value"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """What the rest of the system needs to know about a built model (besides its modules)."""
+
+    spec: ModelSpec
+    role: str
+    layer_spec: str
+    """Resolved layer spec: local, te or sdpa."""
+    padded_vocab: int
+    dtype: torch.dtype
+
+
+class ValueHead(torch.nn.Module):
+    """Replicated scalar head standing in for GPTModel's output layer: [s, b, h] → ([s, b, 1], None)."""
+
+    sequence_parallel = False  # GPTModel reads this attribute in inference mode
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype, device=device))
+
+    def forward(self, hidden_states, weight=None, runtime_gather_output=None):
+        return F.linear(hidden_states, self.weight), None
+
+
+def _mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int, padded: int, tp_rank: int, tp: int) -> None:
+    per_rank = padded // tp
+    real = max(0, min(per_rank, vocab_size - tp_rank * per_rank))  # real columns in this rank's shard
+    if real == per_rank:
+        return
+
+    def hook(_module, _inputs, output):
+        logits, bias = output
+        return logits.index_fill(-1, torch.arange(real, per_rank, device=logits.device), float("-inf")), bias
+
+    output_layer.register_forward_hook(hook)
+
+
+def transformer_config(spec: ModelSpec, layout, dtype: torch.dtype, resolved_spec: str, *, init: bool,
+                       dropout: float = 0.0, **overrides):
+    """megatron-core `TransformerConfig` for this model on this layout (CPU-safe choices on CPU)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    d = spec.dims
+    kwargs = dict(
+        num_layers=d.num_layers, hidden_size=d.hidden_size, num_attention_heads=d.num_heads,
+        num_query_groups=d.num_kv_heads, kv_channels=d.head_dim, ffn_hidden_size=d.ffn_hidden_size,
+        normalization="RMSNorm", layernorm_epsilon=spec.norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=d.qkv_bias,
+        hidden_dropout=dropout, attention_dropout=dropout,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu, perform_initialization=init,
+        # CPU: no fused CUDA kernels, no p2p device sync (see dist/cpu_shims.py)
+        batch_p2p_sync=on_gpu, masked_softmax_fusion=on_gpu and resolved_spec != "local",
+        bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        attention_softmax_in_fp32=True, deallocate_pipeline_outputs=False,
+        variable_seq_lengths=True,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_model(spec: ModelSpec, grid, *, role: str = "actor", layer_spec_name: str = "auto",
+                dtype: torch.dtype | str = torch.float32, init: bool = False, dropout: float = 0.0,
+                **config_overrides) -> tuple[list[torch.nn.Module], BuiltModel]:
+    """GPTModel chunks for `role` on this rank, plus facts about them.
+
+    `init=False` (the default) skips megatron-core's weight initialisation: weights come from
+    `hf_io.load_weights` next. `init=True` draws them (tests, training from scratch).
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    if role not in ROLES:
+        raise ValueError(f"unknown model role {role!r}; choose one of {', '.join(ROLES)}")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    if (ROLES[role] == "value") != spec.is_value_model:
+        raise ValueError(f"role {role!r} needs a {'value' if ROLES[role] == 'value' else 'language-model'} head; "
+                         f"build the spec with head={ROLES[role]!r}")
+    layout = grid.layout
+    check_layout(spec, layout.tp, layout.pp, layout.vpp)
+    resolved = resolve(layer_spec_name)
+    config = transformer_config(spec, layout, dtype, resolved, init=init, dropout=dropout, **config_overrides)
+    padded = spec.dims.padded_vocab("mcore", layout.tp)
+    inv_freq = rope_inv_freq(spec)
+    chunks = []
+    for vp in range(layout.vpp):
+        first = grid.is_first_stage and vp == 0
+        last = grid.is_last_stage and vp == layout.vpp - 1
+        model = GPTModel(
+            config=config, transformer_layer_spec=layer_spec(resolved), vocab_size=padded,
+            max_sequence_length=spec.max_position_embeddings, pre_process=first, post_process=last,
+            share_embeddings_and_output_weights=spec.dims.tie_embeddings, position_embedding_type="rope",
+            rotary_base=int(spec.rope_theta), vp_stage=vp if layout.vpp > 1 else None,
+        )
+        # rope exactly as transformers computes it (megatron-core's llama3 scaling fixes some factors)
+        model.rotary_pos_emb.inv_freq = inv_freq.to(model.rotary_pos_emb.inv_freq.device)
+        if last and spec.is_value_model:
+            model.output_layer = ValueHead(spec.dims.hidden_size, dtype, next(model.parameters()).device)
+        elif last:
+            _mask_padded_vocab(model.output_layer, spec.dims.vocab_size, padded, grid.train.tp, layout.tp)
+        chunks.append(model)
+    return chunks, BuiltModel(spec=spec, role=role, layer_spec=resolved, padded_vocab=padded, dtype=dtype)
