@@ -4,7 +4,13 @@ import math
 import pytest
 import torch
 
-from hybridflow_mg.algos import ADVANTAGES, AdvantageConfig, AdvantageInput, compute_advantages, token_rewards_from_scores
+from hybridflow_mg.algos import (
+    ADVANTAGES,
+    AdvantageConfig,
+    AdvantageInput,
+    compute_advantages,
+    token_rewards_from_scores,
+)
 
 NAN = float("nan")
 F64 = torch.float64

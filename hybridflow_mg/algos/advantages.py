@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from hybridflow_mg.algos._masked import bool_mask, float_at_least_32, masked_sum, masked_whiten, zero_padding
+from hybridflow_mg.algos._masked import bool_mask, float_at_least_32, masked_whiten, zero_padding
 from hybridflow_mg.algos.config import AdvantageConfig
 from hybridflow_mg.utils.registry import Registry
 
@@ -30,7 +30,7 @@ AdvantageFn = Callable[["AdvantageInput", AdvantageConfig], tuple[torch.Tensor, 
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AdvantageInput:
     """What an estimator may read. Build `token_rewards` with `token_rewards_from_scores`."""
 
@@ -110,10 +110,8 @@ def group_stats(scores: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.
 
     A one-member group has std 0 (its n − 1 = 0 is clamped to 1 over a zero sum of squares).
     """
-    _, inverse = torch.unique(group_index, return_inverse=True)  # [batch] dense group id
-    num_groups = int(inverse.max()) + 1 if inverse.numel() else 0
-    size = torch.zeros(num_groups, dtype=scores.dtype, device=scores.device).index_add_(0, inverse,
-                                                                                          torch.ones_like(scores))
+    ids, inverse = torch.unique(group_index, return_inverse=True)  # inverse [batch]: dense group id
+    size = scores.new_zeros(ids.numel()).index_add_(0, inverse, torch.ones_like(scores))  # [num_groups]
     mean = torch.zeros_like(size).index_add_(0, inverse, scores) / size
     sq = torch.zeros_like(size).index_add_(0, inverse, (scores - mean[inverse]) ** 2)
     std = (sq / (size - 1).clamp_min(1)).sqrt()

@@ -36,7 +36,8 @@ PolicyLossFn = Callable[
 POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
 
 
-def _prepare(logprobs, old_logprobs, advantages, response_mask):
+def _prepare(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+             response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mask, logp, old_logp, adv): ≥ float32, 0 on padding; old_logp and adv detached.
 
     Zeroing padding first (with `where`, before any other op) keeps NaN garbage out of the forward

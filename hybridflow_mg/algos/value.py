@@ -11,8 +11,10 @@ from hybridflow_mg.algos._masked import bool_mask, float_at_least_32, zero_paddi
 from hybridflow_mg.algos.config import ValueLossConfig
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-                       response_mask: torch.Tensor, cfg: ValueLossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, response_mask: torch.Tensor,
+    cfg: ValueLossConfig,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token 0.5 · max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²), ε = cfg.clip_eps.
 
     values      [batch, resp_len]  V_φ(s_t) now, differentiable
