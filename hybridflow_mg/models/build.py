@@ -84,7 +84,8 @@ def transformer_config(spec: ModelSpec, layout, dtype: torch.dtype, resolved_spe
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         attention_softmax_in_fp32=True, deallocate_pipeline_outputs=False,
-        variable_seq_lengths=True,
+        variable_seq_lengths=True,  # micro-batches of different lengths through the PP p2p
+        moe_token_dispatcher_type="alltoall",  # dense models; only to satisfy the variable-length check
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
