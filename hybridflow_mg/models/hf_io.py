@@ -1,0 +1,236 @@
+"""HF safetensors in and out, streaming: no process ever holds a whole model.
+
+Reading goes through one interface, a *canonical source*: `rows(rule, layer, index)` returns the rows
+(along the rule's split dim) of a parameter's canonical tensor named by a row map, zeros where the
+map says padding (-1). `HFSource` serves them from an HF checkpoint by safetensors slices, so a rank
+reads only its own rows: per-rank memory is bounded by its shard plus, for column slices of
+row-parallel weights, the pages of one tensor. `checkpoint.megatron.MegatronSource` serves the same
+rows from a Megatron checkpoint of any layout. Import, export, conversion and checkpoint loading
+are all "rows from a source into a destination".
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hybridflow_mg.models.layouts import ModelDims, ParamRule, global_layer, hf_names, hf_shapes, match, rules_for
+from hybridflow_mg.models.rowmaps import index_to_runs, shard_index
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+class CanonicalSource(Protocol):
+    dims: ModelDims
+
+    def rows(self, rule: ParamRule, layer: int | None, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (−1 = zeros) of the canonical tensor of `rule` at global `layer`."""
+
+
+def _part_bounds(rule: ParamRule, dims: ModelDims) -> list[tuple[int, int]]:
+    """[start, stop) of each HF source inside the canonical tensor along the split dim."""
+    if rule.index_dim == 1:
+        return [(0, dims.extent(rule.trailing[0]))]
+    bounds, start = [], 0
+    for part in rule.parts:
+        bounds.append((start, start + dims.extent(part)))
+        start += dims.extent(part)
+    return bounds
+
+
+def read_runs(index: torch.Tensor, dim: int, out_shape: tuple[int, ...], dtype: torch.dtype,
+              bounds: list[tuple[int, int]], read) -> torch.Tensor:
+    """Assemble rows `index` of a canonical tensor whose dim-`dim` range is split into sources.
+
+    `read(source_number, start, stop)` returns rows [start, stop) of that source along `dim`.
+    """
+    out = torch.zeros(out_shape, dtype=dtype)
+    for dst, src, length in index_to_runs(index):
+        while length:
+            part = next(i for i, (a, b) in enumerate(bounds) if a <= src < b)
+            a, b = bounds[part]
+            take = min(length, b - src)
+            out.narrow(dim, dst, take).copy_(read(part, src - a, src - a + take))
+            dst, src, length = dst + take, src + take, length - take
+    return out
+
+
+class HFCheckpoint:
+    """The tensors of an HF model directory (`model.safetensors` or a sharded index), opened lazily."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.dir = Path(directory)
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            try:
+                self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ValueError(f"{str(index)!r} is not a safetensors index ({e})") from None
+            for file in sorted(set(self.weight_map.values())):
+                if not (self.dir / file).is_file():
+                    raise FileNotFoundError(f"shard {file!r} listed in {str(index)!r} is missing; re-download or re-export the model")
+        elif single.is_file():
+            with self._open(single) as f:
+                self.weight_map = {k: single.name for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {str(self.dir)!r}")
+        self._handles: dict[str, object] = {}
+
+    @staticmethod
+    def _open(path: Path):
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+            raise ValueError(f"cannot read safetensors file {str(path)!r}: {e}") from None
+
+    def _slice(self, name: str):
+        if name not in self.weight_map:
+            raise ValueError(f"tensor {name!r} is missing from the checkpoint in {str(self.dir)!r}")
+        file = self.weight_map[name]
+        if file not in self._handles:
+            self._handles[file] = self._open(self.dir / file).__enter__()
+        return self._handles[file].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        s = self._slice(name)
+        if dim is None:
+            return s[:]
+        return s[start:stop] if dim == 0 else s[:, start:stop]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+
+class HFSource:
+    """Canonical rows from an HF checkpoint; checks every tensor's shape against config.json first use."""
+
+    def __init__(self, directory: str | os.PathLike, dims: ModelDims):
+        self.ckpt = HFCheckpoint(directory)
+        self.dims = dims
+        self._checked: set[str] = set()
+
+    def _check(self, rule: ParamRule, layer: int | None) -> list[str]:
+        names = list(hf_names(rule, layer))
+        for name, want in zip(names, hf_shapes(rule, self.dims)):
+            if name not in self._checked:
+                got = self.ckpt.shape(name)
+                if got != tuple(want):
+                    raise ValueError(f"weight {name} has shape {list(got)} but config.json implies {list(want)}; "
+                                     f"the checkpoint does not match its config")
+                self._checked.add(name)
+        return names
+
+    def dtype(self) -> torch.dtype:
+        first = next(iter(self.ckpt.weight_map))
+        return self.ckpt.read(first, 0, 0, 1).dtype
+
+    def rows(self, rule: ParamRule, layer: int | None, index: torch.Tensor) -> torch.Tensor:
+        names = self._check(rule, layer)
+        dim = rule.index_dim
+        shape = [sum(self.dims.extent(p) for p in rule.parts), *(self.dims.extent(t) for t in rule.trailing)]
+        shape[dim] = len(index)
+        dtype = self.ckpt.read(names[0], 0, 0, 1).dtype
+        return read_runs(index, dim, tuple(shape), dtype, _part_bounds(rule, self.dims),
+                         lambda part, a, b: self.ckpt.read(names[part], dim, a, b))
+
+
+def load_into_model(chunks: list[torch.nn.Module], source: CanonicalSource, *, tp: int, tp_rank: int, pp: int,
+                    pp_rank: int, vpp: int = 1, naming: str = "local") -> int:
+    """Fill every parameter of this rank's model chunks from `source`; returns the bytes loaded."""
+    dims = source.dims
+    rules = rules_for(dims)
+    loaded = 0
+    for vp, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            found = match(rules, "mcore", name, spec=naming)
+            if found is None and name == "output_layer.weight" and dims.tie_embeddings:
+                found = (next(r for r in rules if r.key == "embedding"), None, 0)  # last stage's tied copy
+            if found is None:
+                raise ValueError(f"parameter {name} has no layout rule; the model and its spec disagree")
+            rule, local, _ = found
+            layer = global_layer(pp_rank, local, dims.num_layers, pp, vpp, vp) if rule.per_layer else None
+            data = source.rows(rule, layer, shard_index(rule, "mcore", dims, tp, tp_rank))
+            if data.shape != param.shape:
+                raise ValueError(f"{name}: source gives {list(data.shape)}, the model has {list(param.shape)}")
+            with torch.no_grad():
+                param.copy_(data)
+            loaded += data.numel() * data.element_size()
+    return loaded
+
+
+def canonical_tensors(source: CanonicalSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every HF tensor of the model, one at a time, rebuilt from `source` (vocab padding stripped)."""
+    from hybridflow_mg.models.rowmaps import from_canonical
+
+    dims = source.dims
+    for rule in rules_for(dims):
+        size = sum(dims.extent(p) for p in rule.parts) if rule.index_dim == 0 else dims.extent(rule.trailing[0])
+        identity = torch.arange(size)
+        for layer in (range(dims.num_layers) if rule.per_layer else [None]):
+            canonical = source.rows(rule, layer, identity)
+            yield from zip(hf_names(rule, layer), from_canonical(rule, canonical, dims))
+
+
+def write_hf(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | os.PathLike, hf_config: dict,
+             *, max_shard_bytes: int = 2 << 30, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write HF safetensors shards (+ index when more than one), config.json and tokenizer files.
+
+    Holds at most one output shard in memory. Files appear under their final names only when
+    complete (written to a temporary folder first, moved at the end).
+    """
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    buffer: dict[str, torch.Tensor] = {}
+    buffer_bytes, total = 0, 0
+    files: list[str] = []
+    weight_map: dict[str, int] = {}  # tensor name → position of its file in `files`
+
+    def flush() -> None:
+        nonlocal buffer, buffer_bytes
+        if buffer:
+            files.append(f"part-{len(files):05d}.safetensors")
+            save_file({k: v.contiguous() for k, v in buffer.items()}, str(tmp / files[-1]), metadata={"format": "pt"})
+        buffer, buffer_bytes = {}, 0
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if buffer and buffer_bytes + nbytes > max_shard_bytes:
+            flush()
+        buffer[name] = tensor
+        buffer_bytes += nbytes
+        total += nbytes
+        weight_map[name] = len(files)
+    flush()
+    if len(files) == 1:
+        (tmp / files[0]).rename(tmp / "model.safetensors")
+    else:
+        n = len(files)
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for old, new in zip(files, names):
+            (tmp / old).rename(tmp / new)
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}, indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+    if tokenizer_dir is not None:
+        for file in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / file).is_file():
+                shutil.copy2(Path(tokenizer_dir) / file, tmp / file)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
