@@ -21,12 +21,11 @@ def extract_answer(text: str, *, flexible: bool = False) -> str | None:
     `####` falls back to the last number anywhere in it — lenient for models that were never taught
     the marker, but it also rewards a correct number that merely appears last in the reasoning.
     """
-    head, marker, tail = text.rpartition(MARKER)
-    if marker:
-        found = numbers_in(tail)
+    if MARKER in text:
+        found = numbers_in(text.rpartition(MARKER)[2])
         return found[0] if found else None
     if flexible:
-        found = numbers_in(head)
+        found = numbers_in(text)
         return found[-1] if found else None
     return None
 
