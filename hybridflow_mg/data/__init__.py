@@ -1,7 +1,8 @@
-"""Data: tokenizers and prompt datasets (verl parquet or plain parquet/jsonl).
+"""Data: tokenizers, prompt datasets (verl parquet or plain parquet/jsonl), and a synthetic task.
 
     Tokenizer.from_path(path)                 HF directory or sentencepiece .model, one interface
     build_prompt_data(cfg, tok, default_seed) training batches (seeded, fixed size) + validation
+    make_synthetic_task(dir)                  arithmetic data + tiny tokenizer for the CPU quickstart
 
 Importing this package imports neither torch nor transformers; an HF tokenizer imports transformers
 when it is loaded.
@@ -16,6 +17,21 @@ from hybridflow_mg.data.datasets import (
     encode_prompt,
     load_prompts,
     read_rows,
+)
+from hybridflow_mg.data.synthetic import (
+    ARITHMETIC_SOURCE,
+    COUNTDOWN_SOURCE,
+    Example,
+    SyntheticTask,
+    arithmetic_examples,
+    countdown_examples,
+    make_synthetic_task,
+    to_verl_rows,
+    tokenizer_corpus,
+    warm_start_pairs,
+    warm_start_texts,
+    write_jsonl,
+    write_parquet,
 )
 from hybridflow_mg.data.tokenizer import (
     HFTokenizer,
@@ -35,6 +51,19 @@ __all__ = [
     "encode_prompt",
     "load_prompts",
     "read_rows",
+    "ARITHMETIC_SOURCE",
+    "COUNTDOWN_SOURCE",
+    "Example",
+    "SyntheticTask",
+    "arithmetic_examples",
+    "countdown_examples",
+    "make_synthetic_task",
+    "to_verl_rows",
+    "tokenizer_corpus",
+    "warm_start_pairs",
+    "warm_start_texts",
+    "write_jsonl",
+    "write_parquet",
     "HFTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
