@@ -128,6 +128,7 @@ def test_math_reward():
     assert math_reward(r"$\boxed{3}$", "4") == 0.0
     assert math_reward(r"$\boxed{3}$", "4", format_score=0.2) == 0.2
     assert math_reward("the answer is 4", "4", format_score=0.2) == 0.0
+    assert math_reward(r"$\boxed{ }$", "4", format_score=0.2) == 0.0
 
 
 # --- countdown -----------------------------------------------------------------------------------

@@ -177,8 +177,8 @@ def math_reward(
     format_score: float = 0.0,
 ) -> float:
     r"""1.0 when the last `\boxed{}` of the solution matches the ground truth (itself bare or boxed);
-    `format_score` when there is a boxed answer that does not; 0.0 when there is none."""
+    `format_score` when there is a boxed answer that does not; 0.0 when there is none (or it is empty)."""
     answer = last_boxed(solution)
-    if answer is None:
+    if answer is None or not answer.strip():  # an empty box is no answer, not a wrong one
         return 0.0
     return 1.0 if is_equiv(answer, _reference(ground_truth)) else float(format_score)
