@@ -92,7 +92,8 @@ def test_long_prompts_are_dropped_and_counted(sp_tok, tmp_path):
     assert all(len(it.prompt_ids) <= limit for it in data.items)
     assert [it.index for it in data.items] == [i for i in range(2 * len(rows)) if lengths[i % len(rows)] <= limit]
     assert f"{data.num_dropped_too_long} of {data.num_rows} dropped" in data.summary()
-    with pytest.raises(ValueError, match=rf"all {len(rows)} prompts .* longer than max_prompt_length=3 tokens \({len(rows)} dropped\)"):
+    n = len(rows)
+    with pytest.raises(ValueError, match=rf"all {n} prompts .* longer than max_prompt_length=3 tokens \({n} dropped\)"):
         load_prompts([path], sp_tok, max_prompt_length=3)
 
 

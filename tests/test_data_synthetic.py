@@ -54,7 +54,8 @@ def test_make_task_files_load_through_the_data_path(tmp_path):
         assert tok.decode(tok.encode(ex.prompt + ex.answer)) == ex.prompt + ex.answer
         assert 0 not in tok.encode(ex.prompt + ex.answer)  # no <unk>
 
-    cfg = DataConfig(train_files=[str(task.train_file)], val_files=[str(task.val_file)], prompts_per_step=16, max_prompt_length=16)
+    files = dict(train_files=[str(task.train_file)], val_files=[str(task.val_file)])
+    cfg = DataConfig(**files, prompts_per_step=16, max_prompt_length=16)
     train, val = build_prompt_data(cfg, tok, default_seed=0)
     assert len(train.dataset) == 300 and len(val.dataset) == 40 and train.dataset.num_dropped_too_long == 0
     pairs = warm_start_pairs(task.train_examples, tok)

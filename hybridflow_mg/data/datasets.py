@@ -97,7 +97,9 @@ def read_rows(path: str | Path) -> list[dict]:
     """All rows of a .parquet or .jsonl file as dicts (parquet structs become dicts, lists lists)."""
     path = Path(path)
     if not path.suffix or not str(path).endswith(SUPPORTED_EXTENSIONS):
-        raise ValueError(f"data file {str(path)!r} has an unsupported extension {path.suffix!r}; use {' or '.join(SUPPORTED_EXTENSIONS)}")
+        raise ValueError(
+            f"data file {str(path)!r} has an unsupported extension {path.suffix!r}; use {' or '.join(SUPPORTED_EXTENSIONS)}"
+        )
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist; check data.train_files / data.val_files")
     if path.suffix == ".parquet":
@@ -106,7 +108,8 @@ def read_rows(path: str | Path) -> list[dict]:
         try:
             return pq.read_table(path).to_pylist()
         except Exception as e:  # pyarrow's ArrowInvalid & co.: not a parquet file, truncated, ...
-            raise ValueError(f"data file {str(path)!r} cannot be read as parquet: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"data file {str(path)!r} cannot be read as parquet: {first}") from None
     rows = []
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
@@ -115,9 +118,15 @@ def read_rows(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"data file {str(path)!r} line {line_no} is not valid JSON ({e.msg}, column {e.colno}); each line must hold one JSON object") from None
+                raise ValueError(
+                    f"data file {str(path)!r} line {line_no} is not valid JSON ({e.msg}, column {e.colno}); "
+                    "each line must hold one JSON object"
+                ) from None
             if not isinstance(row, dict):
-                raise ValueError(f"data file {str(path)!r} line {line_no} holds a JSON {type(row).__name__}, not an object; each line must hold one JSON object")
+                raise ValueError(
+                    f"data file {str(path)!r} line {line_no} holds a JSON {type(row).__name__}, not an object; "
+                    "each line must hold one JSON object"
+                )
             rows.append(row)
     return rows
 
@@ -155,7 +164,9 @@ def encode_prompt(tokenizer: Tokenizer, prompt: Any, *, text_as_chat: bool = Fal
             if bad:
                 raise ValueError(f"token id {bad[0]} is outside the tokenizer's vocabulary [0, {tokenizer.vocab_size})")
             return list(prompt)
-    raise ValueError(f"a prompt must be text, a non-empty list of chat messages, or a non-empty list of token ids; got {str(prompt)[:80]!r}")
+    raise ValueError(
+        f"a prompt must be text, a non-empty list of chat messages, or a non-empty list of token ids; got {str(prompt)[:80]!r}"
+    )
 
 
 def _columns_hint(rows: list[dict]) -> str:
@@ -185,7 +196,9 @@ def load_prompts(
             raise ValueError(f"data file {str(path)!r} holds no rows; remove it from the file list or fill it")
         for key, fix in ((prompt_key, "data.prompt_key"), (ground_truth_key, "data.ground_truth_key")):
             if key is not None and lookup(rows[0], key) is _MISSING:
-                raise ValueError(f"data file {str(path)!r} has no column {key!r} (columns: {_columns_hint(rows)}); set {fix} to the right column")
+                raise ValueError(
+                    f"data file {str(path)!r} has no column {key!r} (columns: {_columns_hint(rows)}); set {fix} to the right column"
+                )
         for row_no, row in enumerate(rows):
             where = f"data file {str(path)!r} row {row_no}"
             try:
@@ -196,7 +209,9 @@ def load_prompts(
             if ground_truth_key is not None:
                 truth = lookup(row, ground_truth_key)
                 if truth is _MISSING or truth is None:
-                    raise ValueError(f"{where} has no {ground_truth_key!r}; every prompt needs a ground truth (or set data.ground_truth_key to null)")
+                    raise ValueError(
+                        f"{where} has no {ground_truth_key!r}; every prompt needs a ground truth (or set data.ground_truth_key to null)"
+                    )
             source = lookup(row, data_source_key)
             source = default_data_source if source is _MISSING or source is None else str(source)
             info = row.get(extra_info_key) or {}
@@ -213,7 +228,10 @@ def load_prompts(
             f"all {num_rows} prompts in {', '.join(map(repr, map(str, files)))} are longer than max_prompt_length="
             f"{max_prompt_length} tokens ({num_dropped} dropped); raise data.max_prompt_length or shorten the prompts"
         )
-    return PromptDataset(items=items, files=[str(f) for f in files], num_rows=num_rows, num_dropped_too_long=num_dropped, max_prompt_length=max_prompt_length)
+    return PromptDataset(
+        items=items, files=[str(f) for f in files], num_rows=num_rows, num_dropped_too_long=num_dropped,
+        max_prompt_length=max_prompt_length,
+    )
 
 
 class PromptBatches:

@@ -64,7 +64,9 @@ def arithmetic_examples(num: int, *, seed: int, max_operand: int = 99, ops: Sequ
     return out
 
 
-def _countdown_problem(rng: random.Random, num_numbers: int, max_number: int, max_target: int) -> tuple[list[int], str, int] | None:
+def _countdown_problem(
+    rng: random.Random, num_numbers: int, max_number: int, max_target: int
+) -> tuple[list[int], str, int] | None:
     numbers = [rng.randint(1, max_number) for _ in range(num_numbers)]
     expr, value = str(numbers[0]), numbers[0]
     for n in numbers[1:]:
@@ -178,7 +180,13 @@ class SyntheticTask:
 
 
 def make_synthetic_task(
-    directory: str | Path, *, task: str = "arithmetic", num_train: int = 4000, num_val: int = 200, seed: int = 0, vocab_size: int = 64
+    directory: str | Path,
+    *,
+    task: str = "arithmetic",
+    num_train: int = 4000,
+    num_val: int = 200,
+    seed: int = 0,
+    vocab_size: int = 64,
 ) -> SyntheticTask:
     """Write `train.parquet`, `val.parquet` (verl schema, disjoint problems) and `tokenizer.model` into
     `directory`; deterministic in `seed`."""

@@ -31,6 +31,7 @@ from typing import Iterable, Mapping, Sequence
 
 HF_FILES = ("tokenizer_config.json", "tokenizer.json")
 SP_FILE = "tokenizer.model"
+_FIX = "point data.tokenizer at an HF tokenizer directory or a sentencepiece .model file"
 
 
 class Tokenizer:
@@ -55,9 +56,9 @@ class Tokenizer:
                 return HFTokenizer(p)
             if (p / SP_FILE).is_file():
                 return SentencePieceTokenizer(p / SP_FILE)
-            raise ValueError(f"tokenizer directory {str(p)!r} has neither {' nor '.join(HF_FILES)} nor {SP_FILE}; point data.tokenizer at an HF tokenizer directory or a sentencepiece .model file")
+            raise ValueError(f"tokenizer directory {str(p)!r} has neither {' nor '.join(HF_FILES)} nor {SP_FILE}; {_FIX}")
         if not p.exists():
-            raise ValueError(f"tokenizer path {str(p)!r} does not exist; point data.tokenizer at an HF tokenizer directory or a sentencepiece .model file")
+            raise ValueError(f"tokenizer path {str(p)!r} does not exist; {_FIX}")
         raise ValueError(f"tokenizer path {str(p)!r} is neither a directory nor a sentencepiece .model file")
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:

@@ -79,7 +79,9 @@ def load_fn_by_path(spec: str) -> RewardFn:
     module = _import_file(spec, where) if is_file else _import_module(spec, where)
     if not hasattr(module, attr):
         defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
-        raise ValueError(f"reward function {spec!r}: {where!r} has no attribute {attr!r} (callables: {', '.join(defined) or 'none'})")
+        raise ValueError(
+            f"reward function {spec!r}: {where!r} has no attribute {attr!r} (callables: {', '.join(defined) or 'none'})"
+        )
     fn = getattr(module, attr)
     if not callable(fn):
         raise ValueError(f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
@@ -109,7 +111,9 @@ def bind(spec: str, options: Mapping[str, Any] | None = None, *, format_score: f
     for key in kwargs:
         if not takes_any and key not in params:
             choices = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-            raise ValueError(f"reward function {spec!r} takes no option {key!r} (keyword options: {', '.join(choices) or 'none'})")
+            raise ValueError(
+                f"reward function {spec!r} takes no option {key!r} (keyword options: {', '.join(choices) or 'none'})"
+            )
     if format_score is not None and "format_score" in params and "format_score" not in kwargs:
         kwargs["format_score"] = format_score
     return functools.partial(fn, **kwargs) if kwargs else fn
