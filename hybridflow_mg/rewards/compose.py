@@ -1,0 +1,192 @@
+"""From a `RewardConfig` to one reward function: names and paths resolved, options bound, terms mixed,
+and samples dispatched on their data source.
+
+`build_reward_fn(cfg)` is what the trainer calls once; the result has the `RewardFn` signature and
+`score_batch` applies it to a rollout batch.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any, Mapping, Sequence
+
+from hybridflow_mg.rewards.base import REWARD_FNS, RewardFn
+from hybridflow_mg.rewards.config import RewardConfig
+
+DEFAULT_BY_DATA_SOURCE: dict[str, str] = {
+    "gsm8k": "gsm8k",
+    "math": "math",
+    "countdown": "countdown",
+    "synthetic/arithmetic": "arithmetic",
+}
+"""Data-source substring → built-in reward function (verl names: `openai/gsm8k`, `lighteval/MATH`)."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _import_file(spec: str, path: str):
+    if not os.path.isfile(path):
+        raise ValueError(f"reward function {spec!r}: file {path!r} does not exist (cwd {os.getcwd()!r})")
+    full = os.path.abspath(path)
+    name = "_hybridflow_mg_reward_" + hashlib.sha1(full.encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    module_spec = importlib.util.spec_from_file_location(name, full)
+    if module_spec is None or module_spec.loader is None:
+        raise ValueError(f"reward function {spec!r}: {path!r} is not a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module  # before exec, as a normal import does (dataclasses, pickling need it)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        del sys.modules[name]
+        raise ValueError(f"reward function {spec!r}: {path!r} line {e.lineno} has a syntax error: {e.msg}") from None
+    except Exception as e:
+        del sys.modules[name]
+        raise ValueError(f"reward function {spec!r}: importing {path!r} failed: {_one_line(e)}") from None
+    return module
+
+
+def _import_module(spec: str, dotted: str):
+    try:
+        return importlib.import_module(dotted)
+    except SyntaxError as e:
+        raise ValueError(f"reward function {spec!r}: {e.filename!r} line {e.lineno} has a syntax error: {e.msg}") from None
+    except Exception as e:
+        raise ValueError(f"reward function {spec!r}: importing module {dotted!r} failed: {_one_line(e)}") from None
+
+
+@functools.cache
+def load_fn_by_path(spec: str) -> RewardFn:
+    """The function named by `path/to/file.py:fn` or `package.module:fn`, imported once per process.
+
+    A file is imported under a private module name (its directory need not be a package or on
+    `sys.path`). Every failure — no such file or module, a syntax or import error inside it, no such
+    attribute, not callable — is a one-line ValueError naming `spec` and the problem.
+    """
+    where, colon, attr = spec.rpartition(":")
+    if not colon or not where or not attr:
+        raise ValueError(f"reward function {spec!r} must look like 'path/to/file.py:fn' or 'package.module:fn'")
+    is_file = where.endswith(".py") or "/" in where or os.sep in where
+    module = _import_file(spec, where) if is_file else _import_module(spec, where)
+    if not hasattr(module, attr):
+        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
+        raise ValueError(
+            f"reward function {spec!r}: {where!r} has no attribute {attr!r} (callables: {', '.join(defined) or 'none'})"
+        )
+    fn = getattr(module, attr)
+    if not callable(fn):
+        raise ValueError(f"reward function {spec!r}: {attr!r} is a {type(fn).__name__}, not a function")
+    return fn
+
+
+def resolve(spec: str) -> RewardFn:
+    """A registered name (`gsm8k`) or a function by path (`file.py:fn`, `pkg.mod:fn`)."""
+    if ":" in spec:
+        return load_fn_by_path(spec)
+    try:
+        return REWARD_FNS.get(spec)
+    except ValueError as e:
+        raise ValueError(f"{e}; or name a function by path, 'path/to/file.py:fn'") from None
+
+
+def bind(spec: str, options: Mapping[str, Any] | None = None, *, format_score: float | None = None) -> RewardFn:
+    """`resolve(spec)` with keyword `options` bound, and `format_score` bound too when the function
+    takes it and `options` does not set it. An option the function does not take is a ValueError."""
+    fn = resolve(spec)
+    kwargs = dict(options or {})
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins and C callables have no signature: pass nothing extra
+        params = {}
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in kwargs:
+        if not takes_any and key not in params:
+            choices = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+            raise ValueError(
+                f"reward function {spec!r} takes no option {key!r} (keyword options: {', '.join(choices) or 'none'})"
+            )
+    if format_score is not None and "format_score" in params and "format_score" not in kwargs:
+        kwargs["format_score"] = format_score
+    return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def weighted_mix(terms: Sequence[tuple[RewardFn, float]]) -> RewardFn:
+    """One function returning `sum(weight * fn(...))` over `terms`."""
+    if not terms:
+        raise ValueError("a weighted mix needs at least one (function, weight) term")
+    terms = [(fn, float(w)) for fn, w in terms]
+
+    def mixed(solution: str, ground_truth: Any, *, data_source: str = "", extra_info: dict | None = None) -> float:
+        return sum(w * float(fn(solution, ground_truth, data_source=data_source, extra_info=extra_info)) for fn, w in terms)
+
+    return mixed
+
+
+def by_data_source(*tables: Mapping[str, RewardFn], where: str = "rewards.by_data_source") -> RewardFn:
+    """One function that picks a reward function by the sample's `data_source`.
+
+    Each table maps data-source substrings to functions; tables are consulted in order (user
+    overrides first, then the built-ins), and within a table the longest matching key wins (so
+    `synthetic/countdown` can differ from `countdown`). Matching ignores case. An unmatched source is a
+    ValueError naming the known keys and the config key `where`.
+    """
+    ordered = [(k, table[k]) for table in tables for k in sorted(table, key=lambda k: (-len(k), k))]
+    chosen: dict[str, RewardFn] = {}
+
+    def dispatch(solution: str, ground_truth: Any, *, data_source: str = "", extra_info: dict | None = None) -> float:
+        fn = chosen.get(data_source)
+        if fn is None:
+            low = data_source.lower()
+            fn = next((f for k, f in ordered if k.lower() in low), None)
+            if fn is None:
+                known = ", ".join(dict.fromkeys(k for k, _ in ordered))
+                raise ValueError(
+                    f"no reward function for data_source {data_source!r} (known substrings: {known or 'none'}); "
+                    f"map it in {where} or set rewards.fn"
+                )
+            chosen[data_source] = fn
+        return fn(solution, ground_truth, data_source=data_source, extra_info=extra_info)
+
+    return dispatch
+
+
+def build_reward_fn(cfg: RewardConfig) -> RewardFn:
+    """The reward function a run uses, with every name and path resolved now (a typo fails at start-up,
+    not at the first rollout). See `RewardConfig` for the precedence of fn, mix and dispatch."""
+    if cfg.fn is not None:
+        return bind(cfg.fn, cfg.options, format_score=cfg.format_score)
+    if cfg.mix:
+        return weighted_mix([(bind(t.fn, t.options, format_score=cfg.format_score), t.weight) for t in cfg.mix])
+    tables = [cfg.by_data_source, DEFAULT_BY_DATA_SOURCE if cfg.builtin_data_sources else {}]
+    if not any(tables):
+        raise ValueError("rewards: no reward function: set rewards.fn, rewards.mix or rewards.by_data_source")
+    return by_data_source(*({k: bind(v, format_score=cfg.format_score) for k, v in t.items()} for t in tables))
+
+
+def score_batch(
+    fn: RewardFn,
+    solutions: Sequence[str],
+    ground_truths: Sequence[Any],
+    data_sources: Sequence[str] | None = None,
+    extra_infos: Sequence[dict | None] | None = None,
+) -> list[float]:
+    """`fn` applied to each sample of a batch, in order; the optional columns default to "" / None."""
+    n = len(solutions)
+    if len(ground_truths) != n or (data_sources is not None and len(data_sources) != n) or (
+        extra_infos is not None and len(extra_infos) != n
+    ):
+        raise ValueError("score_batch: solutions, ground_truths, data_sources and extra_infos must be equally long")
+    sources = data_sources if data_sources is not None else [""] * n
+    infos = extra_infos if extra_infos is not None else [None] * n
+    return [
+        float(fn(s, gt, data_source=ds, extra_info=info)) for s, gt, ds, info in zip(solutions, ground_truths, sources, infos)
+    ]
