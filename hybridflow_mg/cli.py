@@ -14,7 +14,7 @@ import sys
 
 from hybridflow_mg import __version__
 
-COMMANDS = ("config", "grid")
+COMMANDS = ("config", "grid", "convert", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

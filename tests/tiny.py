@@ -32,3 +32,42 @@ def save_random_hf(config: dict, out_dir: str | Path, seed: int = 0, shard_size:
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
     return out_dir
+
+
+def shared_tmpdir() -> str:
+    """A temporary directory made by rank 0 and known to every rank (call on all ranks)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    path = [tempfile.mkdtemp(prefix="hf_test_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    return path[0]
+
+
+def on_rank0_then_barrier(fn, *args, **kwargs):
+    """Run `fn` on rank 0 (e.g. writing a model), then let every rank continue."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        fn(*args, **kwargs)
+    dist.barrier()
+
+
+def forward_outputs(chunks, tokens):
+    """Per-token outputs ([b, s, v/tp] logits or [b, s, 1] values) on the last stage, via megatron-core's
+    forward-only schedule (p2p between stages); None on other stages."""
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    positions = torch.arange(tokens.size(1)).expand(tokens.size(0), -1)
+
+    def step(_data, model):
+        out = model(tokens, positions, None)
+        return out, lambda o: (o.sum() * 0, {"out": o.detach()})
+
+    with torch.no_grad():
+        result = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]), model=chunks,
+                                             num_microbatches=1, seq_length=tokens.size(1),
+                                             micro_batch_size=tokens.size(0), forward_only=True)
+    return result[0]["out"] if result else None

@@ -127,16 +127,10 @@ def convert(source, ckpt_dir: str | os.PathLike, *, tp: int, pp: int, vpp: int =
         missing = [shard_file(t, p) for p in range(pp) for t in range(tp) if not (ckpt_dir / shard_file(t, p)).is_file()]
         if missing:
             raise FileNotFoundError(f"cannot finish {str(ckpt_dir)!r}: shard {missing[0]} was not written")
-        dtype = str(next(iter(_first_tensor(ckpt_dir / shard_file(0, 0))))).removeprefix("torch.")
+        dtype = str(source.dtype).removeprefix("torch.")
         write_meta(ckpt_dir, CheckpointMeta(hf_config=hf_config, dims=asdict(dims), tp=tp, pp=pp, vpp=vpp,
                                             role=role, dtype=dtype))
     return written
-
-
-def _first_tensor(path: Path):
-    with safe_open(str(path), framework="pt") as f:
-        key = next(iter(f.keys()))
-        yield f.get_slice(key)[0:1].dtype
 
 
 class MegatronSource:
@@ -152,6 +146,11 @@ class MegatronSource:
             for tp_rank in range(self.meta.tp):
                 for key in self._open(tp_rank, pp_rank).keys():
                     self._where.setdefault(key, {})[tp_rank] = (tp_rank, pp_rank)
+        self.close()  # files are mapped per read (see HFCheckpoint.opened for why)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.meta.dtype)
 
     def _open(self, tp_rank: int, pp_rank: int):
         if (tp_rank, pp_rank) not in self._handles:
@@ -183,6 +182,7 @@ class MegatronSource:
                                  f"{len(src_index)}; the checkpoint does not match its {META}")
             for dst, src, length in index_to_runs(locate(index, src_index)):
                 out.narrow(dim, dst, length).copy_(piece[src:src + length] if dim == 0 else piece[:, src:src + length])
+        self.close()
         return out
 
     def close(self) -> None:

@@ -20,3 +20,32 @@ def parse_sizes(text: str, allowed: tuple[str, ...], flag: str) -> dict[str, int
         except ValueError:
             raise ValueError(f"{flag}: {key}={value!r} is not an integer") from None
     return out
+
+
+def parse_bytes(text: str) -> int:
+    """'500MB' → 500_000_000; '2GiB' → 2·2**30; a bare number is bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    raw = text.strip().upper()
+    number = raw.rstrip("KMGIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"size {text!r} is not a size like 500MB or 2GB") from None
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value)
+
+
+def launched_world():
+    """(rank, world, barrier) for commands that run alone or under a launcher (gloo, CPU work)."""
+    from hybridflow_mg.dist.launch import discover
+
+    if discover().world_size == 1:
+        return 0, 1, lambda: None
+    import torch.distributed as dist
+
+    from hybridflow_mg.dist.launch import init_distributed
+
+    init_distributed(backend="gloo")
+    return dist.get_rank(), dist.get_world_size(), lambda: dist.barrier()

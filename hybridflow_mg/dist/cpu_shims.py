@@ -24,7 +24,10 @@ that no longer hard-codes CUDA simply never reaches the shim: every shim is harm
 4. `clip_grad_by_total_norm_fp32` (optimizer/clip_grads.py, imported by optimizer/optimizer.py)
    asserts `param.grad.type() == 'torch.cuda.FloatTensor'`.
    → `clip_grad_by_total_norm_cpu`: the same scaling (max_norm / (total_norm + 1e-6) when below 1)
-   without the CUDA type assertion, installed in both modules.
+   without the CUDA type assertion, installed in both modules.5. `Tensor.cuda()`: with tied embeddings and PP > 1, `LanguageModule.setup_embeddings_and_output_layer`
+   (models/common/language_module/language_module.py) moves the last stage's copy of the word
+   embeddings with `weight.data.cuda()` before all-reducing it with the first stage.
+   → in a process that has no CUDA, `Tensor.cuda()` returns the tensor itself (it would raise).
 """
 from __future__ import annotations
 
@@ -72,6 +75,10 @@ def _cpu_current_device():
 
 def _no_synchronize(*_args, **_kwargs):
     return None
+
+
+def _tensor_stays_on_cpu(self, *_args, **_kwargs):
+    return self
 
 
 class CpuTorchView(types.ModuleType):
@@ -156,6 +163,7 @@ def apply_cpu_shims() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = _no_synchronize
+    torch.Tensor.cuda = _tensor_stays_on_cpu
     view = CpuTorchView()
     for name in _MODULES:
         try:

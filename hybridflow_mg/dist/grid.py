@@ -53,8 +53,12 @@ class Grid:
         self.gen = self.layout.gen_coord(self.rank)
 
     @classmethod
-    def create(cls, layout: ParallelLayout, device: torch.device | None = None) -> "Grid":
-        """Build all groups; torch.distributed must already run over exactly `layout.world` ranks."""
+    def create(cls, layout: ParallelLayout, device: torch.device | None = None, seed: int = 1234) -> "Grid":
+        """Build all groups; torch.distributed must already run over exactly `layout.world` ranks.
+
+        Also seeds megatron-core's RNG streams (default and per-TP-rank model-parallel tracker) with
+        `seed`, as `model_parallel_cuda_manual_seed` does: attention forks the tracker even without dropout.
+        """
         from megatron.core import parallel_state as mpu
 
         if not dist.is_initialized():
@@ -82,6 +86,9 @@ class Grid:
         grid.dp_group = mpu.get_data_parallel_group()
         grid.model_parallel_group = mpu.get_model_parallel_group()
         grid._check_megatron_matches_plan()
+        from hybridflow_mg.dist.cpu_shims import seed_model_parallel
+
+        seed_model_parallel(seed, grid.train.tp)
 
         grid.micro_dp_group = _subgroup(layout.micro_dp_groups, rank, grid._owned)
         grid.gen_tp_group = _subgroup(layout.gen_tp_groups, rank, grid._owned)

@@ -43,6 +43,8 @@ class ValueHead(torch.nn.Module):
 
     def __init__(self, hidden_size: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
+        # A head that is not loaded (a critic starting from the actor's weights) starts at zero:
+        # initial values are 0, and the first updates come from the value loss alone.
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype, device=device))
 
     def forward(self, hidden_states, weight=None, runtime_gather_output=None):

@@ -10,6 +10,7 @@ are all "rows from a source into a destination".
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 class CanonicalSource(Protocol):
     dims: ModelDims
+    dtype: torch.dtype
 
     def rows(self, rule: ParamRule, layer: int | None, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` (−1 = zeros) of the canonical tensor of `rule` at global `layer`."""
@@ -83,6 +85,23 @@ class HFCheckpoint:
         else:
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {str(self.dir)!r}")
         self._handles: dict[str, object] = {}
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def opened(self):
+        """Keep files open for a batch of reads, then unmap them.
+
+        safetensors maps files into memory; pages a read touched stay in this process's RSS while the
+        file is mapped. Closing after each parameter keeps a rank's footprint at its shard plus the
+        pages of one tensor, instead of every page it ever touched.
+        """
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.close()
 
     @staticmethod
     def _open(path: Path):
@@ -133,23 +152,29 @@ class HFSource:
                 self._checked.add(name)
         return names
 
+    @property
     def dtype(self) -> torch.dtype:
-        first = next(iter(self.ckpt.weight_map))
-        return self.ckpt.read(first, 0, 0, 1).dtype
+        with self.ckpt.opened():
+            return self.ckpt.read(next(iter(self.ckpt.weight_map)), 0, 0, 1).dtype
 
     def rows(self, rule: ParamRule, layer: int | None, index: torch.Tensor) -> torch.Tensor:
         names = self._check(rule, layer)
         dim = rule.index_dim
         shape = [sum(self.dims.extent(p) for p in rule.parts), *(self.dims.extent(t) for t in rule.trailing)]
         shape[dim] = len(index)
-        dtype = self.ckpt.read(names[0], 0, 0, 1).dtype
-        return read_runs(index, dim, tuple(shape), dtype, _part_bounds(rule, self.dims),
-                         lambda part, a, b: self.ckpt.read(names[part], dim, a, b))
+        with self.ckpt.opened():
+            dtype = self.ckpt.read(names[0], 0, 0, 1).dtype
+            return read_runs(index, dim, tuple(shape), dtype, _part_bounds(rule, self.dims),
+                             lambda part, a, b: self.ckpt.read(names[part], dim, a, b))
 
 
 def load_into_model(chunks: list[torch.nn.Module], source: CanonicalSource, *, tp: int, tp_rank: int, pp: int,
-                    pp_rank: int, vpp: int = 1, naming: str = "local") -> int:
-    """Fill every parameter of this rank's model chunks from `source`; returns the bytes loaded."""
+                    pp_rank: int, vpp: int = 1, naming: str = "local", skip: tuple[str, ...] = ()) -> int:
+    """Fill every parameter of this rank's model chunks from `source`; returns the bytes loaded.
+
+    `skip` names rules to leave as built (e.g. ``("value_head",)`` for a critic that starts from the
+    actor's weights: the trunk comes from the checkpoint, the head keeps its initialisation).
+    """
     dims = source.dims
     rules = rules_for(dims)
     loaded = 0
@@ -161,6 +186,8 @@ def load_into_model(chunks: list[torch.nn.Module], source: CanonicalSource, *, t
             if found is None:
                 raise ValueError(f"parameter {name} has no layout rule; the model and its spec disagree")
             rule, local, _ = found
+            if rule.key in skip:
+                continue
             layer = global_layer(pp_rank, local, dims.num_layers, pp, vpp, vp) if rule.per_layer else None
             data = source.rows(rule, layer, shard_index(rule, "mcore", dims, tp, tp_rank))
             if data.shape != param.shape:
@@ -171,66 +198,81 @@ def load_into_model(chunks: list[torch.nn.Module], source: CanonicalSource, *, t
     return loaded
 
 
-def canonical_tensors(source: CanonicalSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every HF tensor of the model, one at a time, rebuilt from `source` (vocab padding stripped)."""
+def _units(dims: ModelDims) -> list[tuple[ParamRule, int | None]]:
+    """Every (rule, global layer) of a model in HF state-dict order: the unit of export."""
+    return [(rule, layer) for rule in rules_for(dims)
+            for layer in (range(dims.num_layers) if rule.per_layer else [None])]
+
+
+def hf_tensors(source: CanonicalSource, units: Iterable[tuple[ParamRule, int | None]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors of `units`, rebuilt from `source` one canonical tensor at a time (padding stripped)."""
     from hybridflow_mg.models.rowmaps import from_canonical
 
     dims = source.dims
-    for rule in rules_for(dims):
+    for rule, layer in units:
         size = sum(dims.extent(p) for p in rule.parts) if rule.index_dim == 0 else dims.extent(rule.trailing[0])
-        identity = torch.arange(size)
-        for layer in (range(dims.num_layers) if rule.per_layer else [None]):
-            canonical = source.rows(rule, layer, identity)
-            yield from zip(hf_names(rule, layer), from_canonical(rule, canonical, dims))
+        canonical = source.rows(rule, layer, torch.arange(size))
+        yield from zip(hf_names(rule, layer), from_canonical(rule, canonical, dims))
 
 
-def write_hf(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | os.PathLike, hf_config: dict,
-             *, max_shard_bytes: int = 2 << 30, tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Write HF safetensors shards (+ index when more than one), config.json and tokenizer files.
+def plan_hf_files(dims: ModelDims, element_size: int, max_shard_bytes: int) -> list[list[tuple[ParamRule, int | None]]]:
+    """Output files of an export, planned from shapes alone so that ranks can split them."""
+    files: list[list] = [[]]
+    size = 0
+    for rule, layer in _units(dims):
+        nbytes = element_size * sum(torch.Size(s).numel() for s in hf_shapes(rule, dims))
+        if files[-1] and size + nbytes > max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append((rule, layer))
+        size += nbytes
+    return files
 
-    Holds at most one output shard in memory. Files appear under their final names only when
-    complete (written to a temporary folder first, moved at the end).
+
+def hf_file_names(num_files: int) -> list[str]:
+    if num_files == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{num_files:05d}.safetensors" for i in range(num_files)]
+
+
+def export_hf(source: CanonicalSource, out_dir: str | os.PathLike, hf_config: dict, *, max_shard_bytes: int = 2 << 30,
+              tokenizer_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1,
+              barrier=lambda: None) -> Path:
+    """Write the model of `source` as HF safetensors (+ index), config.json and tokenizer files.
+
+    Holds one canonical tensor and one output file in memory. Under a launcher pass rank,
+    world_size and a barrier: rank r writes files r, r+world, ...; rank 0 writes the index and
+    config and moves the finished folder into place, so `out_dir` appears only when complete.
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    buffer: dict[str, torch.Tensor] = {}
-    buffer_bytes, total = 0, 0
-    files: list[str] = []
-    weight_map: dict[str, int] = {}  # tensor name → position of its file in `files`
-
-    def flush() -> None:
-        nonlocal buffer, buffer_bytes
-        if buffer:
-            files.append(f"part-{len(files):05d}.safetensors")
-            save_file({k: v.contiguous() for k, v in buffer.items()}, str(tmp / files[-1]), metadata={"format": "pt"})
-        buffer, buffer_bytes = {}, 0
-
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if buffer and buffer_bytes + nbytes > max_shard_bytes:
-            flush()
-        buffer[name] = tensor
-        buffer_bytes += nbytes
-        total += nbytes
-        weight_map[name] = len(files)
-    flush()
-    if len(files) == 1:
-        (tmp / files[0]).rename(tmp / "model.safetensors")
-    else:
-        n = len(files)
-        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for old, new in zip(files, names):
-            (tmp / old).rename(tmp / new)
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-    if tokenizer_dir is not None:
-        for file in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / file).is_file():
-                shutil.copy2(Path(tokenizer_dir) / file, tmp / file)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    element_size = torch.empty((), dtype=source.dtype).element_size()
+    plan = plan_hf_files(source.dims, element_size, max_shard_bytes)
+    names = hf_file_names(len(plan))
+    weight_map = {}
+    for i, units in enumerate(plan):
+        tensors = dict(hf_tensors(source, units)) if i % world_size == rank else {}
+        if tensors:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / names[i]), metadata={"format": "pt"})
+        weight_map.update({n: names[i] for rule, layer in units for n in hf_names(rule, layer)})
+    barrier()
+    if rank == 0:
+        if len(plan) > 1:
+            total = sum(element_size * torch.Size(s).numel() for units in plan for rule, _ in units
+                        for s in hf_shapes(rule, source.dims))
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
+        if tokenizer_dir is not None:
+            for file in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / file).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / file, tmp / file)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    barrier()
     return out_dir
