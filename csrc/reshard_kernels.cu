@@ -20,8 +20,8 @@
 //
 // Casts (S -> D among f32, bf16, f16) round exactly as torch's CUDA Tensor.to does: the same intrinsics
 // c10::BFloat16 / c10::Half use on device (cvt.rn.bf16.f32 from sm_80, torch's software round-to-
-// nearest-even with NaN -> 0x7FC0 below it; cvt.rn.f16.f32; exact widening), and half <-> bf16 through
-// float. S == D copies move raw bits.
+// nearest-even with NaN -> 0x7FC0 below it; cvt.rn.f16.f32; __bfloat162float and __half2float to
+// widen), and half <-> bf16 through float. S == D copies move raw bits.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -50,7 +50,8 @@ struct F32 {
 
 struct BF16 {
   using T = uint16_t;
-  static __device__ __forceinline__ float to_float(T x) { return __uint_as_float(uint32_t(x) << 16); }
+  // c10::BFloat16 -> float on device is __bfloat162float (cvt.f32.bf16 from sm_90, a shift before)
+  static __device__ __forceinline__ float to_float(T x) { return __bfloat162float(__ushort_as_bfloat16(x)); }
   static __device__ __forceinline__ T from_float(float x) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     return __bfloat16_as_ushort(__float2bfloat16(x));  // what c10::BFloat16(float) uses from sm_80
