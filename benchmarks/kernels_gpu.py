@@ -59,6 +59,8 @@ SCENARIOS = [
     Scenario("tp8->tp1 bf16", 8, 1, torch.bfloat16, torch.bfloat16),
     Scenario("tp2->tp1 fp32->bf16", 2, 1, torch.float32, torch.bfloat16),
     Scenario("tp2->tp1 bf16, 1 layer", 2, 1, torch.bfloat16, torch.bfloat16, layers=1, embed=False),
+    Scenario("tp2->tp1 bf16->fp32, 1 layer", 2, 1, torch.bfloat16, torch.float32, layers=1, embed=False),
+    Scenario("tp2->tp1 fp32->fp16, 1 layer", 2, 1, torch.float32, torch.float16, layers=1, embed=False),
 ]
 
 
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     print(f"{device}  torch {torch.__version__}  CUDA {torch.version.cuda}")
-    print(f"{'scenario':26} {'tile':>6} {'copies':>6} {'tiles':>7} {'GB':>6} {'kernel GB/s':>11} "
+    print(f"{'scenario':30} {'tile':>6} {'copies':>6} {'tiles':>7} {'GB':>6} {'kernel GB/s':>11} "
           f"{'scalar':>7} {'torch':>7} {'d2d':>7} {'k/d2d':>6} bitwise")
     for sc in SCENARIOS:
         if args.scenarios and sc.name not in args.scenarios:
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             r = bench(sc, tile_elems, args, gen)
             rows.append(r)
             g = r["gb_per_s"]
-            print(f"{sc.name:26} {tile_elems:6} {r['num_copies']:6} {r['num_tiles']:7} {r['bytes_per_run'] / 1e9:6.2f} "
+            print(f"{sc.name:30} {tile_elems:6} {r['num_copies']:6} {r['num_tiles']:7} {r['bytes_per_run'] / 1e9:6.2f} "
                   f"{g['kernel']:11.0f} {g['kernel_scalar']:7.0f} {g['torch']:7.0f} {g['d2d']:7.0f} "
                   f"{r['kernel_vs_d2d']:6.2f} {r['bitwise_equal'] and r['bitwise_equal_scalar']}")
             torch.cuda.empty_cache()
