@@ -14,7 +14,8 @@ Copy map: an int64 ``[N, 7]`` table, one 2-D block copy per row, in elements::
 Blocks never overlap in the destination (the producer's guarantee; checking it would cost a pass over
 every destination element). A `CopyProgram` is built once per reshard plan: it validates the map,
 normalises it (dense blocks flattened, consecutive runs merged), and builds either the kernel's tile
-table or the torch path's strided views; `run(src)` then costs O(1) checks plus one launch.
+table or the torch path's strided views; on the kernel path `run(src)` then costs O(1) checks plus
+one launch.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ FLAGS = 7                   # extra column of a tile row; csrc/reshard_kernels.h
 TILE_FIELDS = 8
 TILE_VEC = 1                # flag bit: the tile may use 16-byte vectors
 MAX_TILE_ELEMS = 1 << 24
-# 16K elements per CTA: 32 KiB of bf16 read + 32 KiB written, 64 elements per thread; a 1 GB bucket is
-# ~32K CTAs, ~250 waves-worth of work per SM, so the tail wave is noise.
+# 16K elements per CTA: 32 KiB of bf16 read + 32 KiB written, 64 elements per thread; a 1 GB bf16 bucket
+# is ~32K CTAs, ~240 per SM of an H100 (~30 waves of 8 resident CTAs), so the tail wave is noise.
 DEFAULT_TILE_ELEMS = 1 << 14
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # HFMG_F32, HFMG_BF16, HFMG_F16
 _MAX_FIELD = 1 << 50        # far above any tensor's numel; keeps the bounds arithmetic in int64
@@ -288,7 +289,8 @@ class CopyProgram:
     Args:
         copies: int64 ``[N, 7]`` copy map (module docstring).
         dsts: destination tensors, contiguous, one dtype, on ``device``. Their storage must stay where
-            it is for the program's life (the kernel holds their addresses; vLLM updates weights in place).
+            it is for the program's life (the kernel holds their addresses; vLLM updates weights in place),
+            and no bucket may overlap them (the kernel reads src through the read-only cache).
         src_dtype: dtype of the buckets passed to `run` (f32, bf16, f16; any cast to the dsts' dtype).
         device: where ``src`` and the dsts live.
         src_numel: elements of every bucket passed to `run`; blocks are bounds-checked against it here.
@@ -306,6 +308,8 @@ class CopyProgram:
         self.src_numel = int(src_numel)
         if self.src_numel < 0:
             raise ValueError(f"src_numel must be >= 0, got {src_numel}")
+        if tile_elems % 16 or not 16 <= tile_elems <= MAX_TILE_ELEMS:
+            raise ValueError(f"tile_elems must be a multiple of 16 in 16..{MAX_TILE_ELEMS}, got {tile_elems}")
         for name, dtype in (("src_dtype", src_dtype), ("dst dtype", self.dst_dtype)):
             if dtype not in DTYPE_CODES:
                 raise ValueError(f"{name} {dtype} unsupported; expected one of {list(DTYPE_CODES)}")
