@@ -168,33 +168,51 @@ class HFSource:
                              lambda part, a, b: self.ckpt.read(names[part], dim, a, b))
 
 
+def model_params(chunks: list[torch.nn.Module], dims: ModelDims, *, pp: int, pp_rank: int, vpp: int = 1,
+                 naming: str = "local") -> Iterator[tuple[ParamRule, int | None, str, torch.nn.Parameter]]:
+    """(rule, global layer, name, parameter) of every parameter of this rank's model chunks.
+
+    The last stage's copy of tied embeddings (`output_layer.weight` with pp > 1) is skipped: it is the
+    embedding, owned by the first stage.
+    """
+    rules = rules_for(dims)
+    for vp, chunk in enumerate(chunks):
+        for name, param in chunk.named_parameters():
+            found = match(rules, "mcore", name, spec=naming)
+            if found is None and name == "output_layer.weight" and dims.tie_embeddings:
+                continue
+            if found is None:
+                raise ValueError(f"parameter {name} has no layout rule; the model and its spec disagree")
+            rule, local, _ = found
+            layer = global_layer(pp_rank, local, dims.num_layers, pp, vpp, vp) if rule.per_layer else None
+            yield rule, layer, name, param
+
+
 def load_into_model(chunks: list[torch.nn.Module], source: CanonicalSource, *, tp: int, tp_rank: int, pp: int,
                     pp_rank: int, vpp: int = 1, naming: str = "local", skip: tuple[str, ...] = ()) -> int:
     """Fill every parameter of this rank's model chunks from `source`; returns the bytes loaded.
 
     `skip` names rules to leave as built (e.g. ``("value_head",)`` for a critic that starts from the
-    actor's weights: the trunk comes from the checkpoint, the head keeps its initialisation).
+    actor's weights: the trunk comes from the checkpoint, the head keeps its initialisation). The
+    last stage's copy of tied embeddings is filled from the embedding.
     """
     dims = source.dims
-    rules = rules_for(dims)
     loaded = 0
-    for vp, chunk in enumerate(chunks):
-        for name, param in chunk.named_parameters():
-            found = match(rules, "mcore", name, spec=naming)
-            if found is None and name == "output_layer.weight" and dims.tie_embeddings:
-                found = (next(r for r in rules if r.key == "embedding"), None, 0)  # last stage's tied copy
-            if found is None:
-                raise ValueError(f"parameter {name} has no layout rule; the model and its spec disagree")
-            rule, local, _ = found
-            if rule.key in skip:
-                continue
-            layer = global_layer(pp_rank, local, dims.num_layers, pp, vpp, vp) if rule.per_layer else None
-            data = source.rows(rule, layer, shard_index(rule, "mcore", dims, tp, tp_rank))
-            if data.shape != param.shape:
-                raise ValueError(f"{name}: source gives {list(data.shape)}, the model has {list(param.shape)}")
-            with torch.no_grad():
-                param.copy_(data)
-            loaded += data.numel() * data.element_size()
+    tied_copy = [p for c in chunks for n, p in c.named_parameters() if n == "output_layer.weight"] \
+        if dims.tie_embeddings else []
+    embedding = next(r for r in rules_for(dims) if r.key == "embedding")
+    targets = [(rule, layer, name, param) for rule, layer, name, param in
+               model_params(chunks, dims, pp=pp, pp_rank=pp_rank, vpp=vpp, naming=naming)]
+    targets += [(embedding, None, "output_layer.weight", p) for p in tied_copy]
+    for rule, layer, name, param in targets:
+        if rule.key in skip:
+            continue
+        data = source.rows(rule, layer, shard_index(rule, "mcore", dims, tp, tp_rank))
+        if data.shape != param.shape:
+            raise ValueError(f"{name}: source gives {list(data.shape)}, the model has {list(param.shape)}")
+        with torch.no_grad():
+            param.copy_(data)
+        loaded += data.numel() * data.element_size()
     return loaded
 
 
