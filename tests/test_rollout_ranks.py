@@ -7,11 +7,14 @@ Checks: fp32 greedy = HF generate, logprobs = HF log_softmax (1e-4), direct weig
 trainer's RNG / threads / env / process groups survive the engine, and shutdown (explicit, or at exit)
 leaves the default group alone.
 """
+import importlib.util
+
 import pytest
 
-pytest.importorskip("vllm")
+from tests.multirank import assert_rank_check, check_names, results
 
-from tests.multirank import assert_rank_check, check_names, results  # noqa: E402
+# find_spec, not import: importing vLLM here would change this process's env, which the launches inherit
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
 
 LAUNCHES = [("tests.ranks.rollout2", 2), ("tests.ranks.rollout4", 4)]
 CASES = [(module, nproc, name) for module, nproc in LAUNCHES for name in check_names(module)]

@@ -41,7 +41,7 @@ def _token_ids(key: str, value: object) -> tuple[int, ...]:
 def _check_sampling(cfg) -> None:
     """The sampling fields shared by `RolloutConfig` and `Sampling`."""
     _int_at_least("n", cfg.n, 1)
-    _number_in("temperature", cfg.temperature, 0.0, 100.0)
+    _number_in("temperature", cfg.temperature, 0.0, float("inf"))
     _number_in("top_p", cfg.top_p, 0.0, 1.0, low_open=True)
     _int_at_least("top_k", cfg.top_k, 0)
     _int_at_least("max_new_tokens", cfg.max_new_tokens, 1)
@@ -100,7 +100,8 @@ class RolloutConfig:
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end a sample (list the EOS id here: the engine runs without a tokenizer)."""
     seed: int = 0
-    """vLLM's engine seed, and the default base seed of `Sampling` (the trainer passes one per step)."""
+    """Default base seed of `Sampling` (the trainer passes one per step), and vLLM's engine seed (which
+    only unseeded requests would use; the engine sends none)."""
     logprobs_mode: Literal["raw", "processed"] = "raw"
     """Which logprob of each sampled token is returned: ``raw`` = log_softmax of the model's logits
     (what the trainer recomputes); ``processed`` = after temperature / top-k / top-p (the distribution

@@ -41,8 +41,9 @@ CPU only (`cpu_engine_kwargs`, `cpu_construction`)
      the same group ranks would share segments. `unique_shm_names` prefixes the name with the job's
      rendezvous address (equal on its ranks, different between live jobs).
   5. Engine arguments: ``block_size`` a multiple of 32 (``CPUAttentionBackend`` kernel block sizes);
-     ``head_dim`` one of the CPU attention kernel's sizes, and at least 64 (measured: smaller heads
-     are not exact against HF here); ``kv_cache_memory_bytes`` always set (else ``CPUWorker`` reserves
+     ``head_dim`` one of the CPU attention kernel's sizes (``CPUAttentionBackend.get_supported_head_sizes``)
+     and at least 64, the floor the project measured (DESIGN §5; on an AVX-512 machine head_dim 32
+     also ran exact against HF at t_g = 2, so the floor is conservative); ``kv_cache_memory_bytes`` always set (else ``CPUWorker`` reserves
      ``gpu_memory_utilization`` × the node's RAM); no sleep mode (``CPUWorker.sleep`` only warns);
      eager by default (``torch.compile`` of the model costs minutes on a few cores).
   Not needed: torchvision / torchaudio / torchcodec (pip pulls CUDA builds that break ``import vllm``;

@@ -19,11 +19,12 @@ Two seams into vLLM, each the only one of its kind:
   groups [0, 2] and [1, 3].
 - Teardown (`_release_engine_groups`). ``EngineCore.shutdown`` (run by ``LLM``'s finalizer, at the
   latest at interpreter exit) calls ``cleanup_dist_env_and_memory``, which ends with
-  ``torch.distributed.destroy_process_group()``: the *default* group, and with it Megatron's. The name
-  is replaced in ``vllm.v1.engine.core`` (its only caller) by a function that releases vLLM's own groups
-  and never the default one.
+  ``torch.distributed.destroy_process_group()``: the *default* group, and with it Megatron's. From the
+  first engine on, for the rest of the process, that name in ``vllm.v1.engine.core`` (its only caller)
+  is a function that releases vLLM's own groups and never the default one.
 
-Everything else vLLM needs in-process or on CPU lives in `vllm_cpu`.
+Everything else vLLM needs in-process or on CPU lives in `vllm_cpu`. (The engine runs without a
+tokenizer — token ids in and out, stop ids explicit — and drops the one log record that choice causes.)
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ class Sample:
     finish_reason: str
     """``"stop"`` (emitted a stop token, which ends `token_ids`) or ``"length"`` (max_new_tokens)."""
     stop_token_id: int | None = None
+    """The stop token that ended the sample (its last token), when finish_reason is ``"stop"``."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,8 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         sampling = sampling or self.config.sampling()
+        if not prompt_token_ids:
+            return []
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
                                  stop_token_ids=list(sampling.stop_token_ids), seed=sampling.request_seed(j),

@@ -38,8 +38,6 @@ def seeded_sampling_repeats_across_processes():
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     assert everyone[0] != everyone[1]
-    from hybridflow_mg.rollout.config import Sampling  # noqa: F401 - same Sampling as check_seeded_sampling
-
     eng = common.engine(LAYOUT)
     prompts0 = [None]
     if dist.get_rank() == 0:

@@ -13,7 +13,6 @@ import gc
 import os
 import shutil
 import tempfile
-import time
 
 import torch
 import torch.distributed as dist
@@ -104,10 +103,7 @@ def engine(layout: ParallelLayout):
     if "engine" not in _STATE:
         from hybridflow_mg.rollout.vllm_engine import VLLMEngine
 
-        path = shared_model_dir()
-        start = time.perf_counter()
-        _STATE["engine"] = VLLMEngine(path, layout, CONFIG)
-        _STATE["seconds"] = time.perf_counter() - start
+        _STATE["engine"] = VLLMEngine(shared_model_dir(), layout, CONFIG)
     return _STATE["engine"]
 
 
@@ -249,7 +245,3 @@ def check_shutdown_keeps_trainer_groups(layout: ParallelLayout) -> None:
         t = torch.ones(1)
         dist.all_reduce(t, group=group)
         assert t.item() == dist.get_world_size()
-
-
-def engine_seconds() -> float:
-    return _STATE.get("seconds", float("nan"))
