@@ -111,7 +111,8 @@ class ProcessState:
     def capture(cls) -> "ProcessState":
         import numpy as np
 
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        # on a GPU, vLLM seeds every CUDA generator: capture them (this initialises CUDA, which the trainer uses anyway)
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         return cls(python_rng=random.getstate(), numpy_rng=np.random.get_state(), torch_rng=torch.get_rng_state(),
                    cuda_rng=cuda, num_threads=torch.get_num_threads(), set_num_threads=torch.set_num_threads,
                    gc_frozen=gc.get_freeze_count(), default_dtype=torch.get_default_dtype(),
