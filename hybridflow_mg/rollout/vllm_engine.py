@@ -244,12 +244,14 @@ class VLLMEngine:
         return written
 
     # --- generation ----------------------------------------------------------------------------------
-    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: Sampling | None = None) -> list[Completion]:
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: Sampling | None = None, *,
+                 prompt_indices: Sequence[int] | None = None) -> list[Completion]:
         """Sample ``sampling.n`` responses per prompt; one `Completion` per prompt, in order.
 
         Collective over this rank's generation TP group: its ranks must pass the same prompts and
-        `Sampling`. Seeds make each sample independent of batch and rank (see `Sampling`); the
-        trainer's RNG states are left as they were.
+        `Sampling`. Seeds make each sample independent of batch and rank (see `Sampling`): prompt k
+        is seeded by ``prompt_indices[k]`` (its index in the global batch; default k). The trainer's
+        RNG states are left as they were.
         """
         from vllm import SamplingParams
 
@@ -260,7 +262,9 @@ class VLLMEngine:
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
                                  stop_token_ids=list(sampling.stop_token_ids), seed=sampling.request_seed(j),
                                  logprobs=0, detokenize=False)
-                  for j in range(len(prompt_token_ids))]
+                  for j in (prompt_indices if prompt_indices is not None else range(len(prompt_token_ids)))]
+        if len(params) != len(prompt_token_ids):
+            raise ValueError(f"{len(prompt_token_ids)} prompts but {len(params)} prompt indices")
         prompts = [{"prompt_token_ids": [int(t) for t in p]} for p in prompt_token_ids]
         with vllm_cpu.preserved_process_state("LLM.generate"):
             outputs = self._llm.generate(prompts, params, use_tqdm=False)

@@ -1,0 +1,69 @@
+"""Per-token log-probabilities and entropy from vocab-parallel logits, without gathering the vocab.
+
+Each tensor-parallel rank holds logits over its slice of the (padded) vocab, [batch, seq, V/t]. The
+softmax denominator and the entropy's Σ p·logit need every slice: each is one all-reduce of a
+[batch, seq] tensor over the TP group, never the [batch, seq, V] logits. Padded vocab columns hold
+-inf (models/build.py), so they weigh nothing in either.
+
+Gradients: the max is detached (it only stabilises); the sums go through megatron-core's
+`reduce_from_tensor_model_parallel_region` (all-reduce forward, identity backward), which is exact
+here because every TP rank computes the same loss from the reduced values and back-propagates only
+into its own slice.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _all_reduce(x: torch.Tensor, group, op=None) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    if op is not None:  # no-gradient reductions (max)
+        x = x.clone()
+        dist.all_reduce(x, op=op, group=group)
+        return x
+    from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+    return reduce_from_tensor_model_parallel_region(x, group=group)
+
+
+def _local_targets(targets: torch.Tensor, vocab_start: int, vocab_per_rank: int):
+    local = targets - vocab_start
+    mine = (local >= 0) & (local < vocab_per_rank)
+    return local.clamp(0, vocab_per_rank - 1), mine
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_group=None, tp_rank: int = 0,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log π(target) per position: logits [b, s, V/t] (this rank's vocab slice), targets [b, s] → [b, s].
+
+    `temperature` divides the logits first (match the sampler's temperature for old/rollout logprobs).
+    """
+    import torch.distributed as dist
+
+    logits = logits.float() / temperature
+    per_rank = logits.size(-1)
+    with torch.no_grad():
+        top = _all_reduce(logits.max(dim=-1).values, tp_group, op=dist.ReduceOp.MAX)
+    shifted = logits - top.unsqueeze(-1)
+    log_z = torch.log(_all_reduce(shifted.exp().sum(dim=-1), tp_group))
+    local, mine = _local_targets(targets, tp_rank * per_rank, per_rank)
+    picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * mine
+    return _all_reduce(picked, tp_group) - log_z
+
+
+def entropy(logits: torch.Tensor, *, tp_group=None, temperature: float = 1.0) -> torch.Tensor:
+    """H(π) per position from vocab-parallel logits [b, s, V/t] → [b, s]: log Z − Σ p·logit."""
+    import torch.distributed as dist
+
+    logits = logits.float() / temperature
+    with torch.no_grad():
+        top = _all_reduce(logits.max(dim=-1).values, tp_group, op=dist.ReduceOp.MAX)
+    shifted = logits - top.unsqueeze(-1)
+    exp = shifted.exp()
+    z = _all_reduce(exp.sum(dim=-1), tp_group)
+    # padded columns: exp = 0 and shifted = -inf; 0·(-inf) is nan, so they are zeroed explicitly
+    weighted = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(dim=-1)
+    return torch.log(z) - _all_reduce(weighted, tp_group) / z

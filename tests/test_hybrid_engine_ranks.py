@@ -1,0 +1,10 @@
+"""Issue 5's checks: Megatron shards → resharder → vLLM on 4 CPU ranks, at generation tp 1 and 2."""
+import pytest
+
+from tests.multirank import assert_rank_check, check_names
+
+
+@pytest.mark.parametrize("module", ["tests.ranks.hybrid4_tg1", "tests.ranks.hybrid4_tg2"])
+@pytest.mark.parametrize("name", check_names("tests.ranks.hybrid4_tg1"))
+def test_hybrid_engine_on_4_ranks(module, name):
+    assert_rank_check(module, 4, name)
