@@ -23,12 +23,12 @@ def add_parser(sub) -> None:
     p.add_argument("--hf-config", required=True, metavar="FILE", help="HF config.json (or its directory)")
     p.add_argument("--train", required=True, metavar="tp=T,pp=P,dp=D[,vpp=V]", help="training layout")
     p.add_argument("--gen", default="", metavar="tp=TG", help="generation layout (default: tp as training)")
-    dtypes = sorted(DTYPE_BYTES)
+    dtypes = [d for d in DTYPE_BYTES if d != "fp8"]
     p.add_argument("--params-dtype", default="bf16", choices=dtypes, help="training weights (default bf16)")
     p.add_argument("--grad-dtype", default="fp32", choices=dtypes,
                    help="gradient buffers: fp32 (grad_reduce_in_fp32, default) or the params dtype")
     p.add_argument("--gen-dtype", choices=dtypes, help="vLLM weights and M (default: params dtype)")
-    p.add_argument("--kv-dtype", choices=dtypes, help="KV cache (default: generation dtype)")
+    p.add_argument("--kv-dtype", choices=list(DTYPE_BYTES), help="KV cache (default: generation dtype)")
     p.add_argument("--distributed-optimizer", default=True, action=argparse.BooleanOptionalAction,
                    help="shard Adam states over dp (default on)")
     p.add_argument("--with-critic", action="store_true", help="a critic (trunk + value head) trained on the same GPUs")
