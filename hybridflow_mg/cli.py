@@ -14,7 +14,7 @@ import sys
 
 from hybridflow_mg import __version__
 
-COMMANDS = ("config", "grid", "convert", "export", "generate")
+COMMANDS = ("config", "grid", "plan", "convert", "export", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
