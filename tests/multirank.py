@@ -21,6 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _CHECKS: dict[str, list[str]] = {}
+# One folder per pytest session, known to every launch (HFMG_TEST_SHARED), for results that checks of
+# different launches compare (e.g. a 1-rank reference against a 4-rank layout).
+SHARED = os.environ.get("HFMG_TEST_SHARED") or tempfile.mkdtemp(prefix="hf_shared_")
 
 
 def rank_check(fn):
@@ -42,7 +45,7 @@ def torchrun_command(nproc: int, *args: str) -> list[str]:
 def worker_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}",
-               PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR", **extra)
+               PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR", HFMG_TEST_SHARED=SHARED, **extra)
     return env
 
 

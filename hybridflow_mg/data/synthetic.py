@@ -187,13 +187,15 @@ def make_synthetic_task(
     num_val: int = 200,
     seed: int = 0,
     vocab_size: int = 64,
+    max_operand: int | None = None,
 ) -> SyntheticTask:
     """Write `train.parquet`, `val.parquet` (verl schema, disjoint problems) and `tokenizer.model` into
-    `directory`; deterministic in `seed`."""
+    `directory`; deterministic in `seed`. `max_operand` bounds arithmetic operands (smaller is easier)."""
     make = {"arithmetic": arithmetic_examples, "countdown": countdown_examples}.get(task)
     if make is None:
         raise ValueError(f"unknown synthetic task {task!r}; choose arithmetic or countdown")
-    examples = make(num_train + num_val, seed=seed)
+    options = {"max_operand": max_operand} if task == "arithmetic" and max_operand is not None else {}
+    examples = make(num_train + num_val, seed=seed, **options)
     train, val = examples[:num_train], examples[num_train:]
     out = Path(directory)
     return SyntheticTask(

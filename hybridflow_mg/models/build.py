@@ -64,6 +64,28 @@ def _mask_padded_vocab(output_layer: torch.nn.Module, vocab_size: int, padded: i
     output_layer.register_forward_hook(hook)
 
 
+def _mark_tensor_parallel(chunks: list[torch.nn.Module], spec: ModelSpec, naming: str) -> None:
+    """Set megatron-core's `tensor_model_parallel` attributes on every TP-split parameter.
+
+    megatron-core sets them only inside its weight-initialisation functions, which do not run with
+    `perform_initialization=False` (weights loaded from a checkpoint). Without them the grad-norm
+    (`param_is_not_tensor_parallel_duplicate`) counts every split weight as a TP duplicate: clipping
+    then sees the norm of TP rank 0's shards only.
+    """
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    from hybridflow_mg.models.layouts import match, rules_for
+
+    rules = rules_for(spec.dims)
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            found = match(rules, "mcore", name, spec=naming)
+            rule = found[0] if found else (next(r for r in rules if r.key == "embedding")
+                                           if name == "output_layer.weight" and spec.dims.tie_embeddings else None)
+            if rule is not None and rule.dim is not None and not getattr(param, "tensor_model_parallel", False):
+                set_tensor_model_parallel_attributes(param, True, rule.dim, 1)
+
+
 def transformer_config(spec: ModelSpec, layout, dtype: torch.dtype, resolved_spec: str, *, init: bool,
                        dropout: float = 0.0, **overrides):
     """megatron-core `TransformerConfig` for this model on this layout (CPU-safe choices on CPU)."""
@@ -135,4 +157,5 @@ def build_model(spec: ModelSpec, grid, *, role: str = "actor", layer_spec_name: 
         elif last:
             _mask_padded_vocab(model.output_layer, spec.dims.vocab_size, padded, grid.train.tp, layout.tp)
         chunks.append(model)
+    _mark_tensor_parallel(chunks, spec, "te" if resolved == "te" else "local")
     return chunks, BuiltModel(spec=spec, role=role, layer_spec=resolved, padded_vocab=padded, dtype=dtype)

@@ -1,0 +1,177 @@
+"""The full config of `hybridflow-mg train`: the foundation sections plus one section per component.
+
+Each component owns its dataclass (`algos.config`, `data.config`, `rewards.config`, `rollout.config`);
+this module adds the model, actor, critic and trainer sections and composes the tree. Presets:
+`configs/quickstart.yaml` (CPU, synthetic arithmetic) and the model presets next to it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hybridflow_mg.algos.config import AlgoConfig
+from hybridflow_mg.config.schema import DistConfig, ParallelConfig, RunConfig
+from hybridflow_mg.data.config import DataConfig
+from hybridflow_mg.rewards.config import RewardConfig
+from hybridflow_mg.rollout.config import RolloutConfig
+
+
+def _positive(key: str, value, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{key} must be an integer ≥ {low}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class SyntheticModelConfig:
+    """A tiny random Llama and the synthetic arithmetic task, made at the start of the run (CPU quickstart)."""
+
+    task: Literal["arithmetic", "countdown"] = "arithmetic"
+    """Which synthetic task (data/synthetic.py) the prompts, answers and reward come from."""
+    num_train: int = 4000
+    """Training problems generated."""
+    num_val: int = 128
+    """Validation problems generated."""
+    max_operand: int = 49
+    """Arithmetic operands are drawn from 0 … max_operand."""
+    hidden_size: int = 128
+    """Width of the tiny model (vLLM on CPU needs head_dim ≥ 64: hidden / heads)."""
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_hidden_size: int = 384
+
+    def __post_init__(self):
+        for key in ("num_train", "num_val", "max_operand", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
+            _positive(key, getattr(self, key))
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Where the models come from and how they are built."""
+
+    path: str | None = None
+    """HF model directory of the actor (and reference); required unless `synthetic` is set."""
+    critic_path: str | None = None
+    """HF directory of the critic; left out, the critic starts from the actor's weights with a zero head."""
+    reward_model_path: str | None = None
+    """HF *ForSequenceClassification directory of a reward model; left out, rule rewards only."""
+    synthetic: SyntheticModelConfig | None = None
+    """Make a tiny random model and a synthetic task in the run directory instead of loading `path`."""
+    layer_spec: Literal["auto", "local", "te", "sdpa"] = "auto"
+    """Transformer-layer implementation: local (CPU), te (transformer-engine), sdpa; auto picks."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of every model (bfloat16 on GPUs; float32 keeps CPU runs exact)."""
+    vocab_divisor: int = 128
+    """Megatron pads the vocab to a multiple of vocab_divisor × tp."""
+
+    def __post_init__(self):
+        _positive("vocab_divisor", self.vocab_divisor)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """Adam(W) through megatron-core's optimizer."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be ≥ 0, got {self.clip_grad}")
+
+
+@dataclass(kw_only=True)
+class WarmStartConfig:
+    """A short supervised warm start of the actor on the synthetic task's answers (0 steps = off)."""
+
+    steps: int = 0
+    """Optimizer steps of cross-entropy on prompt → answer; the quickstart uses it so RL starts from a
+    model that is right sometimes."""
+    batch_size: int = 64
+    """Examples per warm-start step (over all data-parallel ranks)."""
+    lr: float = 3e-3
+
+    def __post_init__(self):
+        _positive("steps", self.steps, allow_zero=True)
+        _positive("batch_size", self.batch_size)
+
+
+@dataclass(kw_only=True)
+class ActorConfig:
+    """Policy updates on the training layout."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ppo_epochs: int = 1
+    """Passes over each step's rollouts."""
+    mini_batches: int = 1
+    """Optimizer steps per epoch: the step's prompts (with all their samples) split into this many."""
+    micro_batch_tokens: int = 8192
+    """Token budget of one micro-batch (sequences × padded length), per data-parallel rank."""
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+
+    def __post_init__(self):
+        for key in ("ppo_epochs", "mini_batches", "micro_batch_tokens"):
+            _positive(key, getattr(self, key))
+
+
+@dataclass(kw_only=True)
+class CriticConfig:
+    """Value-function updates (used when the advantage estimator needs values, e.g. gae)."""
+
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5))
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+    micro_batch_tokens: int = 8192
+
+    def __post_init__(self):
+        for key in ("ppo_epochs", "mini_batches", "micro_batch_tokens"):
+            _positive(key, getattr(self, key))
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """The loop: how long, and when to validate, log and save."""
+
+    total_steps: int = 100
+    """RL steps (each: one batch of prompts, rollouts, updates)."""
+    val_every: int = 10
+    """Greedy validation every this many steps (and before the first); 0 = never."""
+    save_every: int = 0
+    """Save the actor as a Megatron checkpoint every this many steps (and at the end); 0 = only at the end."""
+    save_final: bool = True
+    """Save the actor when the run ends."""
+
+    def __post_init__(self):
+        _positive("total_steps", self.total_steps)
+        _positive("val_every", self.val_every, allow_zero=True)
+        _positive("save_every", self.save_every, allow_zero=True)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Everything `hybridflow-mg train` needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self):
+        if self.model.path is None and self.model.synthetic is None:
+            raise ValueError("model.path (an HF directory) or model.synthetic is required")
+        if self.model.synthetic is None and not self.data.train_files:
+            raise ValueError("data.train_files is empty; list parquet/jsonl prompt files")

@@ -1,0 +1,139 @@
+"""One role's megatron-core model on the grid, driven through megatron-core's pipeline schedules.
+
+A `ModelWorker` runs any per-micro-batch computation over a `Sequences` batch: `forward` (no grad;
+log-probs, values, scores) and `train` (forward-backward + one optimizer step). It hides the two
+things every role shares: pipeline parallelism (outputs live on the last stage and are broadcast to
+the rest of the pipeline) and loss scaling (megatron-core divides each micro-batch loss by the
+number of micro-batches and DDP averages gradients over DP; the loss function's value is multiplied
+back so that the gradient is exactly that of the step's loss, aggregated with global normalizers).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from hybridflow_mg.trainer.batch import Sequences, micro_batches
+
+# head(output [mb, L, ·], micro-batch) → {name: [mb, T_mb]} on the last pipeline stage
+Head = Callable[[torch.Tensor, Sequences], dict[str, torch.Tensor]]
+# loss(output, micro-batch) → (0-dim loss of this micro-batch with global normalizers, {metric: 0-dim sum})
+Loss = Callable[[torch.Tensor, Sequences], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class ModelWorker:
+    """`chunks` (one GPTModel per virtual stage) of one role; trainable roles get DDP and an optimizer."""
+
+    def __init__(self, grid, chunks: list[torch.nn.Module], *, optim=None, name: str = "model"):
+        self.grid, self.name = grid, name
+        self.optimizer = None
+        if optim is not None:
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+            from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+            config = chunks[0].config
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+            chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c) for c in chunks]
+            config.finalize_model_grads_func = finalize_model_grads
+            self.optimizer = get_megatron_optimizer(OptimizerConfig(
+                optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.beta1,
+                adam_beta2=optim.beta2, adam_eps=optim.eps, clip_grad=optim.clip_grad,
+                params_dtype=next(chunks[0].parameters()).dtype, bf16=config.bf16, fp16=config.fp16,
+                use_distributed_optimizer=torch.cuda.is_available()), chunks)
+        self.chunks = chunks
+
+    # --- the schedule ----------------------------------------------------------------------------------
+    def _run(self, seqs: Sequences, groups: list[list[int]], step: Callable, forward_only: bool) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro = [seqs.select(rows) for rows in groups]
+
+        def forward_step(data, model):
+            mb = next(data)
+            positions = torch.arange(mb.tokens.size(1), device=self.grid.device).expand(len(mb), -1)
+            output = model(mb.tokens.to(self.grid.device), positions, None)
+            return output, lambda out: step(out, mb)
+
+        iterators = [iter(micro) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro)
+        return get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
+            num_microbatches=len(micro), seq_length=int(seqs.tokens.size(1)), micro_batch_size=max(map(len, groups)),
+            forward_only=forward_only) or []
+
+    def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as the last pipeline stage has it, on every stage of this pipeline."""
+        if self.grid.layout.pp == 1:
+            return tensor
+        last = self.grid.layout.rank_of(self.grid.train.tp, self.grid.layout.pp - 1, self.grid.train.dp)
+        dist.broadcast(tensor, src=last, group=self.grid.pp_group)
+        return tensor
+
+    # --- no-grad passes ----------------------------------------------------------------------------------
+    def forward(self, seqs: Sequences, head: Head, *, names: tuple[str, ...], token_budget: int) -> dict[str, torch.Tensor]:
+        """{name: [B, T]} from `head` on every micro-batch, on every rank of the replica."""
+        groups = micro_batches(seqs, token_budget)
+        for c in self.chunks:
+            c.eval()
+        with torch.no_grad():
+            outs = self._run(seqs, groups, lambda out, mb: (out.sum() * 0, head(out, mb)), forward_only=True)
+        width = seqs.resp_len
+        result = {n: torch.zeros(len(seqs), width, dtype=torch.float32) for n in names}
+        if self.grid.is_last_stage:
+            for rows, out in zip(groups, outs):
+                for n in names:
+                    value = out[n].float().cpu()
+                    result[n][rows, :value.size(1)] = value
+        return {n: self._from_last_stage(t.to(self.grid.device)).cpu() for n, t in result.items()}
+
+    # --- one optimizer step -------------------------------------------------------------------------------
+    def train(self, seqs: Sequences, loss: Loss, *, token_budget: int) -> dict[str, float]:
+        """Forward-backward over `seqs` (this rank's share of one optimizer step) and the step itself.
+
+        `loss` returns each micro-batch's loss aggregated with the step's GLOBAL normalizers, so that
+        the micro-batch losses of all DP ranks add up to the step's loss. Returned metrics: that
+        loss, the grad norm, and the sums the loss function reported, all over the whole step.
+        """
+        if self.optimizer is None:
+            raise RuntimeError(f"{self.name} has no optimizer")
+        groups = micro_batches(seqs, token_budget)
+        scale = len(groups) * self.grid.layout.dp  # undo megatron-core's 1/num_microbatches and DDP's 1/dp
+
+        def step(out, mb):
+            value, stats = loss(out, mb)
+            return value * scale, {"loss": value.detach(), **{k: v.detach() for k, v in stats.items()}}
+
+        for c in self.chunks:
+            c.train()
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outs = self._run(seqs, groups, step, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        keys = sorted(outs[0]) if outs else []
+        sums = torch.zeros(max(len(keys), 1), dtype=torch.float64, device=self.grid.device)
+        if self.grid.is_last_stage and keys:
+            sums = torch.stack([sum(o[k].double() for o in outs) for k in keys]).to(self.grid.device)
+        names = self._names_from_last_stage(keys)
+        sums = self._from_last_stage(self._resize(sums, len(names)))
+        dist.all_reduce(sums, group=self.grid.dp_group)
+        metrics = {k: float(v) for k, v in zip(names, sums.tolist())}
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
+        metrics["update_skipped"] = 0.0 if ok else 1.0
+        return metrics
+
+    def _names_from_last_stage(self, keys: list[str]) -> list[str]:
+        if self.grid.layout.pp == 1:
+            return keys
+        holder = [keys if self.grid.is_last_stage else None]
+        last = self.grid.layout.rank_of(self.grid.train.tp, self.grid.layout.pp - 1, self.grid.train.dp)
+        dist.broadcast_object_list(holder, src=last, group=self.grid.pp_group)
+        return holder[0]
+
+    @staticmethod
+    def _resize(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t if t.numel() == n else torch.zeros(n, dtype=t.dtype, device=t.device)
+
+    @property
+    def modules(self) -> list[torch.nn.Module]:
+        """The GPTModel chunks without their DDP wrappers."""
+        return [getattr(c, "module", c) for c in self.chunks]
