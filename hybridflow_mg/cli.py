@@ -14,7 +14,7 @@ import sys
 
 from hybridflow_mg import __version__
 
-COMMANDS = ("config", "grid", "plan", "convert", "export", "generate")
+COMMANDS = ("config", "grid", "plan", "convert", "export", "generate", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow options (`train CONFIG --nproc 4 a.b=1`); anything else is an error
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
     except Exception as e:  # noqa: BLE001 - the user-error types below become one line

@@ -32,7 +32,7 @@ def test_grid_table_is_readable():
 
 
 def test_config_command_prints_resolved_yaml():
-    proc = cli("config", "configs/base.yaml", "parallel.train.tp=2", "--world", "4")
+    proc = cli("config", "configs/quickstart.yaml", "parallel.train.tp=2", "--world", "4")
     assert proc.returncode == 0, proc.stderr
     assert "tp: 2" in proc.stdout
 
@@ -44,8 +44,10 @@ def test_config_command_prints_resolved_yaml():
     (("grid", "--world", "8", "--train", "tp=0,pp=2"), "must be a positive integer"),
     (("grid", "--world", "8", "--train", "tp=2,pp=1,vpp=2"), "needs pp > 1"),
     (("grid", "--world", "8", "--train", "tp=2,ppp=1"), "unknown size 'ppp' (did you mean 'pp'?)"),
-    (("config", "configs/base.yaml", "parallel.train.tpp=2"), "did you mean 'parallel.train.tp'?"),
-    (("config", "configs/base.yaml", "parallel.train.tp=3", "--world", "8"), "does not divide the world of 8"),
+    (("config", "configs/quickstart.yaml", "parallel.train.tpp=2"), "did you mean 'parallel.train.tp'?"),
+    (("config", "configs/quickstart.yaml", "parallel.train.tp=3", "--world", "8"), "does not divide the world of 8"),
+    (("config", "configs/quickstart.yaml", "algo.advantage.estimator=grpoo"), "valid names"),
+    (("config", "configs/quickstart.yaml", "algo.policy_loss.name=ppo"), "valid names"),
     (("config", "configs/missing.yaml"), "does not exist"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(args, message):

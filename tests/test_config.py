@@ -11,10 +11,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_every_preset_loads():
-    presets = sorted(CONFIGS.glob("*.yaml"))
+    from hybridflow_mg.trainer.config import TrainConfig
+
+    assert isinstance(load_config(Config, CONFIGS / "base.yaml"), Config)
+    presets = sorted(p for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml")
     assert presets
     for path in presets:
-        assert isinstance(load_config(Config, path), Config)
+        assert isinstance(load_config(TrainConfig, path), TrainConfig)
 
 
 def test_overrides_are_typed(tmp_path):

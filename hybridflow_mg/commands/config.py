@@ -8,7 +8,6 @@ from __future__ import annotations
 import yaml
 
 from hybridflow_mg.config.load import load_config, to_dict
-from hybridflow_mg.config.schema import Config
 
 
 def add_parser(sub) -> None:
@@ -19,7 +18,7 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def layout_of(cfg: Config, world: int):
+def layout_of(cfg, world: int):
     from hybridflow_mg.dist.layout import ParallelLayout
 
     t, g = cfg.parallel.train, cfg.parallel.gen
@@ -30,7 +29,9 @@ def run(args) -> int:
     preset, overrides = args.preset, list(args.overrides)
     if preset and "=" in preset:  # only overrides were given
         preset, overrides = None, [preset, *overrides]
-    cfg = load_config(Config, preset, overrides)
+    from hybridflow_mg.trainer.config import TrainConfig
+
+    cfg = load_config(TrainConfig, preset, overrides)
     if args.world is not None:
         layout_of(cfg, args.world)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")

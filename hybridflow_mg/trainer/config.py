@@ -43,6 +43,10 @@ class SyntheticModelConfig:
     def __post_init__(self):
         for key in ("num_train", "num_val", "max_operand", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
             _positive(key, getattr(self, key))
+        space = (self.max_operand + 1) ** 2
+        if self.task == "arithmetic" and self.num_train + self.num_val > space:
+            raise ValueError(f"num_train + num_val = {self.num_train + self.num_val} but only {space} distinct "
+                             f"problems exist with max_operand={self.max_operand}; raise max_operand or ask for fewer")
 
 
 @dataclass(kw_only=True)

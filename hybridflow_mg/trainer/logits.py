@@ -50,7 +50,8 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_group=None
     shifted = logits - top.unsqueeze(-1)
     log_z = torch.log(_all_reduce(shifted.exp().sum(dim=-1), tp_group))
     local, mine = _local_targets(targets, tp_rank * per_rank, per_rank)
-    picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * mine
+    picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(mine, picked, torch.zeros_like(picked))  # not `* mine`: -inf (padding) · 0 is nan
     return _all_reduce(picked, tp_group) - log_z
 
 

@@ -53,7 +53,7 @@ def actor_loss(grid, algo, *, num_tokens: float, num_seqs: float, kl_coef: float
 
     def loss(logits, mb):
         head = actor_head(grid, temperature=temperature, with_entropy=True)(logits, mb)
-        mask = mb.response_mask.to(logits.device)
+        mask = mb.fields.get("loss_mask", mb.response_mask).to(logits.device)
         f = {k: v.to(logits.device) for k, v in mb.fields.items()}
         loss_mat, stats = actor_loss_mat(head["logprobs"], f["old_logprobs"], f["advantages"], mask, algo,
                                          ref_logprobs=f.get("ref_logprobs"), kl_coef=kl_coef,
@@ -69,7 +69,7 @@ def critic_loss(algo, *, num_tokens: float, num_seqs: float):
     """The critic's clipped value loss per micro-batch, aggregated with the step's global counts."""
     def loss(values, mb):
         values = _at_responses(values, mb)[..., 0]
-        mask = mb.response_mask.to(values.device)
+        mask = mb.fields.get("loss_mask", mb.response_mask).to(values.device)
         f = {k: v.to(values.device) for k, v in mb.fields.items()}
         loss_mat, stats = critic_loss_mat(values, f["values"], f["returns"], mask, algo.value_loss)
         value = aggregate(loss_mat, mask, algo.value_loss.agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)

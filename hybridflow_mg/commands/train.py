@@ -1,0 +1,52 @@
+"""`hybridflow-mg train CONFIG [key=value ...]`: the RL loop, under torchrun / srun / mpirun.
+
+`--nproc N` starts N local processes with torchrun (the CPU quickstart uses 4). The run directory
+(`run.output_dir/run.name`) gets the resolved config, `metrics.jsonl`, and the final actor checkpoint.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="run RL training (PPO, GRPO, ...)", description=__doc__)
+    p.add_argument("config", help="YAML preset, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. algo.advantage.estimator=gae")
+    p.add_argument("--nproc", type=int, default=None, help="start this many local processes (torchrun)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from hybridflow_mg.config.load import load_config
+    from hybridflow_mg.dist.launch import discover
+    from hybridflow_mg.trainer.config import TrainConfig
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)  # bad keys fail here, before any launch
+    if args.nproc and discover().world_size == 1:
+        from hybridflow_mg.commands.config import layout_of
+
+        layout_of(cfg, args.nproc)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "hybridflow_mg.cli", "train", args.config, *args.overrides]
+        return subprocess.call(cmd)
+    from hybridflow_mg.trainer.loop import train
+    from hybridflow_mg.trainer.setup import build_run
+    from hybridflow_mg.trainer.warm_start import warm_start
+    from hybridflow_mg.trainer.checkpoint import save_actor
+
+    run_ = build_run(cfg)
+    try:
+        if cfg.actor.warm_start.steps:
+            warm_start(run_)
+        train(run_)
+        if cfg.trainer.save_final:
+            save_actor(run_, run_.run_dir / "checkpoints" / "final")
+        if run_.grid.is_logging_rank:
+            print("\nmean reward per step:\n" + run_.tracker.curve("reward_mean"))
+            if any("val_reward" in r for r in run_.tracker.history):
+                print("\nvalidation reward (greedy):\n" + run_.tracker.curve("val_reward"))
+            print(f"\nmetrics: {run_.run_dir / 'metrics.jsonl'}")
+    finally:
+        run_.close()
+    return 0

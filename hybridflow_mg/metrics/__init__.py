@@ -1,0 +1,1 @@
+"""Per-step metrics: JSON lines in the run directory, a console curve, timers."""

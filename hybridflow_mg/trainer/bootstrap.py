@@ -1,0 +1,60 @@
+"""The run directory and, for the CPU quickstart, the synthetic task and a tiny random model.
+
+`prepare_run` runs on the logging rank before anyone builds models: it creates the run directory,
+writes the resolved config, and (with `model.synthetic`) writes the task's parquet files, a
+sentencepiece tokenizer, and a tiny random Llama with that tokenizer as an HF directory. Every rank
+then reads the returned paths.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from hybridflow_mg.config.load import dump_config
+
+
+def run_dir(cfg) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+def prepare_run(cfg):
+    """(cfg with model/data paths filled in for synthetic runs, run directory). Logging rank only."""
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.model.synthetic is not None:
+        cfg = _synthetic(cfg, out)
+    dump_config(cfg, out / "config.yaml")
+    return cfg
+
+
+def synthetic_paths(cfg):
+    """The paths `prepare_run` fills in for a synthetic run (every rank computes them the same way)."""
+    out = run_dir(cfg)
+    model = replace(cfg.model, path=str(out / "model"))
+    data = replace(cfg.data, train_files=[str(out / "data" / "train.parquet")],
+                   val_files=[str(out / "data" / "val.parquet")], tokenizer=str(out / "model"))
+    return replace(cfg, model=model, data=data)
+
+
+def _synthetic(cfg, out: Path):
+    import torch
+    import transformers
+
+    from hybridflow_mg.data.synthetic import make_synthetic_task
+    from hybridflow_mg.data.tokenizer import Tokenizer, sentencepiece_to_hf
+
+    syn = cfg.model.synthetic
+    task = make_synthetic_task(out / "data", task=syn.task, num_train=syn.num_train, num_val=syn.num_val,
+                               seed=cfg.run.seed, max_operand=syn.max_operand)
+    model_dir = out / "model"
+    sentencepiece_to_hf(task.tokenizer_file, model_dir)
+    tok = Tokenizer.from_path(model_dir)
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=syn.hidden_size, intermediate_size=syn.ffn_hidden_size,
+        num_hidden_layers=syn.num_layers, num_attention_heads=syn.num_heads, num_key_value_heads=syn.num_heads,
+        max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    config.architectures = ["LlamaForCausalLM"]
+    torch.manual_seed(cfg.run.seed)
+    transformers.LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
+    return synthetic_paths(cfg)

@@ -1,0 +1,114 @@
+"""Build everything one run needs, once: process grid, data, the four roles, the vLLM engine, rewards.
+
+The order matters in two places: the actor is wrapped for training (DDP may re-point parameter
+storage) before the 3D-HybridEngine captures its parameters; the vLLM engine is created after the
+Megatron models so that both live in the same torch.distributed world.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.distributed as dist
+
+from hybridflow_mg.algos import build_kl_controller
+from hybridflow_mg.data.datasets import PromptBatches, build_prompt_data
+from hybridflow_mg.data.tokenizer import Tokenizer
+from hybridflow_mg.dist.grid import Grid
+from hybridflow_mg.dist.launch import init_distributed
+from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.metrics.tracker import Tracker
+from hybridflow_mg.models.build import build_model
+from hybridflow_mg.models.hf_io import HFSource, load_into_model
+from hybridflow_mg.models.hf_spec import ModelSpec, read_hf_config, spec_from_hf
+from hybridflow_mg.rewards import build_reward_fn
+from hybridflow_mg.rollout.config import Sampling
+from hybridflow_mg.rollout.hybrid_engine import HybridEngine
+from hybridflow_mg.rollout.vllm_engine import VLLMEngine
+from hybridflow_mg.trainer.bootstrap import prepare_run, run_dir, synthetic_paths
+from hybridflow_mg.trainer.config import TrainConfig
+from hybridflow_mg.trainer.workers import ModelWorker
+
+
+@dataclass
+class Run:
+    cfg: TrainConfig
+    grid: Grid
+    run_dir: Path
+    tracker: Tracker
+    tokenizer: Tokenizer
+    train_batches: PromptBatches
+    val_batches: PromptBatches | None
+    spec: ModelSpec
+    actor: ModelWorker
+    ref: ModelWorker | None
+    critic: ModelWorker | None
+    reward_model: ModelWorker | None
+    engine: VLLMEngine
+    hybrid: HybridEngine
+    reward_fn: object
+    kl_controller: object
+    sampling: Sampling
+
+    def close(self) -> None:
+        self.tracker.close()
+        self.engine.shutdown()
+        self.grid.destroy()
+
+
+def _load(grid, spec: ModelSpec, path: str, role: str, cfg: TrainConfig, *, skip=()) -> list:
+    chunks, built = build_model(spec, grid, role=role, layer_spec_name=cfg.model.layer_spec, dtype=cfg.model.dtype)
+    load_into_model(chunks, HFSource(path, spec.dims), tp=grid.layout.tp, tp_rank=grid.train.tp, pp=grid.layout.pp,
+                    pp_rank=grid.train.pp, vpp=grid.layout.vpp, naming="te" if built.layer_spec == "te" else "local",
+                    skip=skip)
+    return chunks
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    info, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
+    t, g = cfg.parallel.train, cfg.parallel.gen
+    layout = ParallelLayout.create(world=info.world_size, tp=t.tp, pp=t.pp, vpp=t.vpp, dp=t.dp, gen_tp=g.tp,
+                                   gen_pp=g.pp)
+    if info.rank == 0:
+        cfg = prepare_run(cfg)  # run dir, resolved config, synthetic task and model
+    dist.barrier()
+    if cfg.model.synthetic is not None and info.rank != 0:
+        cfg = synthetic_paths(cfg)
+    grid = Grid.create(layout, device, seed=cfg.run.seed)
+    out = run_dir(cfg)
+    tracker = Tracker(out if grid.is_logging_rank else None,
+                      console_keys=("reward_mean", "val_reward", "response_len", "kl", "pg_loss", "grad_norm",
+                                    "rollout_logprob_diff", "seconds"))
+
+    tokenizer = Tokenizer.from_path(cfg.data.tokenizer or cfg.model.path)
+    train_batches, val_batches = build_prompt_data(cfg.data, tokenizer, default_seed=cfg.run.seed)
+
+    hf_config = read_hf_config(cfg.model.path)
+    spec = spec_from_hf(hf_config, head="lm", vocab_divisor=cfg.model.vocab_divisor)
+    actor = ModelWorker(grid, _load(grid, spec, cfg.model.path, "actor", cfg), optim=cfg.actor.optim, name="actor")
+    ref = None
+    if cfg.algo.uses_reference:
+        ref = ModelWorker(grid, _load(grid, spec, cfg.model.path, "ref", cfg), name="ref")
+    critic = None
+    if cfg.algo.uses_critic:
+        path = cfg.model.critic_path or cfg.model.path
+        critic_spec = spec_from_hf(read_hf_config(path), head="value", vocab_divisor=cfg.model.vocab_divisor)
+        skip = () if cfg.model.critic_path else ("value_head",)  # from the actor: trunk loaded, head starts at 0
+        critic = ModelWorker(grid, _load(grid, critic_spec, path, "critic", cfg, skip=skip), optim=cfg.critic.optim,
+                             name="critic")
+    reward_model = None
+    if cfg.model.reward_model_path:
+        rm_spec = spec_from_hf(read_hf_config(cfg.model.reward_model_path), head="value",
+                               vocab_divisor=cfg.model.vocab_divisor)
+        reward_model = ModelWorker(grid, _load(grid, rm_spec, cfg.model.reward_model_path, "reward", cfg),
+                                   name="reward_model")
+
+    engine = VLLMEngine(cfg.model.path, layout, cfg.rollout, load_weights=False)
+    naming = "te" if cfg.model.layer_spec == "te" else "local"
+    hybrid = HybridEngine(grid, actor.modules, spec.dims, engine, naming=naming)
+    stop = tuple(cfg.rollout.stop_token_ids) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
+    sampling = cfg.rollout.sampling(stop_token_ids=stop)
+    return Run(cfg=cfg, grid=grid, run_dir=out, tracker=tracker, tokenizer=tokenizer, train_batches=train_batches,
+               val_batches=val_batches, spec=spec, actor=actor, ref=ref, critic=critic, reward_model=reward_model,
+               engine=engine, hybrid=hybrid, reward_fn=build_reward_fn(cfg.reward),
+               kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling)

@@ -1,0 +1,47 @@
+"""A short supervised warm start of the actor (cross-entropy on the prompts' reference answers).
+
+RL needs a policy that is right sometimes: a random tiny model never is, so its rewards carry no
+signal. The quickstart therefore spends a few hundred optimizer steps teaching the actor the answer
+format (and some answers) before GRPO/PPO. The answer of each prompt is `extra_info.answer` (the
+synthetic task writes it) or the ground truth, followed by EOS.
+"""
+from __future__ import annotations
+
+import random
+
+from hybridflow_mg.rollout.hybrid_engine import dp_slice
+from hybridflow_mg.trainer.batch import Sequences
+from hybridflow_mg.trainer.roles import actor_head
+
+
+def warm_start(run) -> list[float]:
+    cfg, grid, tok = run.cfg.actor.warm_start, run.grid, run.tokenizer
+    items = list(run.train_batches.dataset.items)
+    pairs = [(it.prompt_ids, tok.encode(str((it.extra_info or {}).get("answer", it.ground_truth))) + [tok.eos_id])
+             for it in items]
+    rng = random.Random(run.cfg.run.seed)
+    optimizer = run.actor.optimizer
+    saved_lr = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = cfg.lr
+    losses = []
+    head = actor_head(grid)
+    for step in range(cfg.steps):
+        batch = [pairs[i] for i in rng.sample(range(len(pairs)), cfg.batch_size)]  # same on every rank
+        seqs = Sequences.build([p for p, _ in batch], [a for _, a in batch], group=list(range(len(batch))))
+        num_tokens = float(seqs.response_mask.sum())
+        part = dp_slice(len(seqs), grid.layout.dp, grid.train.dp)
+        mine = seqs.select(list(range(part.start, part.stop)))
+
+        def loss(logits, mb):
+            mask = mb.response_mask.to(logits.device)
+            nll = -(head(logits, mb)["logprobs"] * mask).sum()
+            return nll / num_tokens, {"tokens": mask.sum()}
+
+        metrics = run.actor.train(mine, loss, token_budget=run.cfg.actor.micro_batch_tokens)
+        losses.append(metrics["loss"])
+        if grid.is_logging_rank and (step % 25 == 0 or step == cfg.steps - 1):
+            print(f"warm start {step:4d}/{cfg.steps}: cross-entropy {metrics['loss']:.4f}", flush=True)
+    for group, lr in zip(optimizer.param_groups, saved_lr):
+        group["lr"] = lr
+    return losses
