@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up (idempotently) and run the main CPU job. Until the RL loop lands this shows the 3D grid:
-# the plan for 4 ranks, then a real 4-rank launch that starts megatron-core and the HybridFlow groups.
+# Set up (idempotently) and run the CPU quickstart: GRPO on synthetic addition with a tiny Llama,
+# 4 ranks (Megatron TP2×DP2 → vLLM TP1×4), in-process vLLM rollouts, in a few minutes.
+# PPO with a critic instead: bash launch/quickstart.sh algo.advantage.estimator=gae
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 bash launch/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-.venv/bin/torchrun --standalone --nproc-per-node 4 -m hybridflow_mg.cli grid --train tp=2,pp=2 --gen tp=1 --init
+exec .venv/bin/hybridflow-mg train configs/quickstart.yaml --nproc 4 "$@"

@@ -26,3 +26,7 @@ def test_update_equals_the_reference(check, name):
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     assert got["tokens"] == ref["tokens"]
     assert got["kl"] == pytest.approx(ref["kl"], rel=1e-6)
+
+
+def test_policy_update_moves_towards_the_advantage():
+    assert_rank_check("tests.ranks.update1", 1, "policy_update_moves_towards_the_advantage")

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -17,12 +18,27 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+def preflight(cfg) -> None:
+    """What can be checked without processes, checked before any start: data files, columns, rewards."""
+    from hybridflow_mg.data.datasets import check_files
+    from hybridflow_mg.rewards import build_reward_fn
+
+    if cfg.model.synthetic is None:
+        check_files(cfg.data)
+        for path, key in ((cfg.model.path, "model.path"), (cfg.model.critic_path, "model.critic_path"),
+                          (cfg.model.reward_model_path, "model.reward_model_path")):
+            if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+                raise FileNotFoundError(f"{key} = {path!r} is not an HF model directory (no config.json)")
+    build_reward_fn(cfg.reward)
+
+
 def run(args) -> int:
     from hybridflow_mg.config.load import load_config
     from hybridflow_mg.dist.launch import discover
     from hybridflow_mg.trainer.config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)  # bad keys fail here, before any launch
+    preflight(cfg)
     if args.nproc and discover().world_size == 1:
         from hybridflow_mg.commands.config import layout_of
 

@@ -319,3 +319,48 @@ def build_prompt_data(cfg: DataConfig, tokenizer: Tokenizer, *, default_seed: in
         return train, None
     val_set = load_prompts(cfg.val_files, tokenizer, **keys)
     return train, PromptBatches(val_set, cfg.val_prompts_per_step or len(val_set), shuffle=False, seed=seed, drop_last=False)
+
+
+def check_files(cfg: DataConfig) -> None:
+    """Cheap checks of the configured files before any process starts: they exist, can be read, are not
+    empty, and have the prompt and ground-truth columns. Reads parquet schemas and the first jsonl row
+    only; `load_prompts` later checks every row."""
+    for files, where in ((cfg.train_files, "data.train_files"), (cfg.val_files, "data.val_files")):
+        for path in files:
+            columns, num_rows = _peek(Path(path))
+            if num_rows == 0:
+                raise ValueError(f"data file {path!r} ({where}) holds no rows; remove it from the file list or fill it")
+            for key, fix in ((cfg.prompt_key, "data.prompt_key"), (cfg.ground_truth_key, "data.ground_truth_key")):
+                if key is not None and lookup(columns, key) is _MISSING:
+                    raise ValueError(f"data file {path!r} has no column {key!r} (columns: {', '.join(sorted(columns))}); "
+                                     f"set {fix} to the right column")
+
+
+def _peek(path: Path) -> tuple[dict, int]:
+    """(a mapping with the file's column names — nested for structs — , rows or -1 when unknown)."""
+    if not str(path).endswith(SUPPORTED_EXTENSIONS):
+        raise ValueError(f"data file {str(path)!r} has an unsupported extension; use {' or '.join(SUPPORTED_EXTENSIONS)}")
+    if not path.is_file():
+        raise ValueError(f"data file {str(path)!r} does not exist; check data.train_files / data.val_files")
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.ParquetFile(path)
+        except Exception as e:  # noqa: BLE001 - not parquet, truncated
+            raise ValueError(f"data file {str(path)!r} cannot be read as parquet: {str(e).splitlines()[0]}") from None
+
+        def names(fields) -> dict:
+            return {f.name: names(list(f.type)) if pa.types.is_struct(f.type) else None for f in fields}
+
+        return names(meta.schema_arrow), meta.metadata.num_rows
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"data file {str(path)!r} line 1 is not valid JSON ({e.msg})") from None
+                return (row if isinstance(row, dict) else {}), -1
+    return {}, 0

@@ -33,7 +33,8 @@ def synthetic_paths(cfg):
     model = replace(cfg.model, path=str(out / "model"))
     data = replace(cfg.data, train_files=[str(out / "data" / "train.parquet")],
                    val_files=[str(out / "data" / "val.parquet")], tokenizer=str(out / "model"))
-    return replace(cfg, model=model, data=data)
+    warm = replace(cfg.actor.warm_start, files=[str(out / "data" / "warm_start.parquet")])
+    return replace(cfg, model=model, data=data, actor=replace(cfg.actor, warm_start=warm))
 
 
 def _synthetic(cfg, out: Path):
@@ -43,9 +44,15 @@ def _synthetic(cfg, out: Path):
     from hybridflow_mg.data.synthetic import make_synthetic_task
     from hybridflow_mg.data.tokenizer import Tokenizer, sentencepiece_to_hf
 
+    from hybridflow_mg.data.synthetic import to_verl_rows, write_parquet
+
     syn = cfg.model.synthetic
-    task = make_synthetic_task(out / "data", task=syn.task, num_train=syn.num_train, num_val=syn.num_val,
-                               seed=cfg.run.seed, max_operand=syn.max_operand)
+    # one pool of distinct problems: the first num_warm_start for the warm start, the rest for RL + val
+    task = make_synthetic_task(out / "data", task=syn.task, num_train=syn.num_warm_start + syn.num_train,
+                               num_val=syn.num_val, seed=cfg.run.seed, max_operand=syn.max_operand)
+    warm, rl = task.train_examples[:syn.num_warm_start], task.train_examples[syn.num_warm_start:]
+    write_parquet(to_verl_rows(warm, split="warm_start"), out / "data" / "warm_start.parquet")
+    write_parquet(to_verl_rows(rl, split="train"), out / "data" / "train.parquet")
     model_dir = out / "model"
     sentencepiece_to_hf(task.tokenizer_file, model_dir)
     tok = Tokenizer.from_path(model_dir)

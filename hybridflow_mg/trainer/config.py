@@ -28,10 +28,12 @@ class SyntheticModelConfig:
 
     task: Literal["arithmetic", "countdown"] = "arithmetic"
     """Which synthetic task (data/synthetic.py) the prompts, answers and reward come from."""
-    num_train: int = 4000
-    """Training problems generated."""
-    num_val: int = 128
+    num_train: int = 192
+    """RL prompts generated (a small pool the run revisits often)."""
+    num_val: int = 64
     """Validation problems generated."""
+    num_warm_start: int = 600
+    """Problems for the supervised warm start, disjoint from the RL and validation prompts."""
     max_operand: int = 49
     """Arithmetic operands are drawn from 0 … max_operand."""
     hidden_size: int = 128
@@ -43,10 +45,11 @@ class SyntheticModelConfig:
     def __post_init__(self):
         for key in ("num_train", "num_val", "max_operand", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
             _positive(key, getattr(self, key))
-        space = (self.max_operand + 1) ** 2
-        if self.task == "arithmetic" and self.num_train + self.num_val > space:
-            raise ValueError(f"num_train + num_val = {self.num_train + self.num_val} but only {space} distinct "
-                             f"problems exist with max_operand={self.max_operand}; raise max_operand or ask for fewer")
+        _positive("num_warm_start", self.num_warm_start, allow_zero=True)
+        space, wanted = (self.max_operand + 1) ** 2, self.num_train + self.num_val + self.num_warm_start
+        if self.task == "arithmetic" and wanted > space:
+            raise ValueError(f"num_train + num_val + num_warm_start = {wanted} but only {space} distinct problems "
+                             f"exist with max_operand={self.max_operand}; raise max_operand or ask for fewer")
 
 
 @dataclass(kw_only=True)
@@ -98,6 +101,9 @@ class WarmStartConfig:
     steps: int = 0
     """Optimizer steps of cross-entropy on prompt → answer; the quickstart uses it so RL starts from a
     model that is right sometimes."""
+    files: list[str] = field(default_factory=list)
+    """Prompt files (same columns as data.train_files) whose `extra_info.answer` (or ground truth) is the
+    target; empty means the RL training prompts. Synthetic runs write their own warm-start file."""
     batch_size: int = 64
     """Examples per warm-start step (over all data-parallel ranks)."""
     lr: float = 3e-3

@@ -62,3 +62,28 @@ def update(tp: int, pp: int, world: int) -> dict:
         return metrics
     finally:
         grid.destroy()
+
+
+def update_moves_towards_the_advantage() -> None:
+    """After one policy-gradient step, Σ advantage · (log π_new − log π_old) > 0 (the update goes uphill)."""
+    from hybridflow_mg.trainer.roles import actor_head
+
+    hf_dir = os.path.join(shared_tmpdir(), "hf")
+    on_rank0_then_barrier(save_random_hf, CONFIG, hf_dir, seed=3)
+    grid = Grid.create(ParallelLayout(world=1, tp=1, pp=1, gen_tp=1))
+    try:
+        spec = spec_from_hf(CONFIG)
+        chunks, _ = build_model(spec, grid, role="actor", layer_spec_name="local")
+        load_into_model(chunks, HFSource(hf_dir, spec.dims), tp=1, tp_rank=0, pp=1, pp_rank=0)
+        worker = ModelWorker(grid, chunks, optim=OptimConfig(lr=1e-3, clip_grad=1e6), name="actor")
+        seqs = fixed_batch()
+        before = worker.forward(seqs, actor_head(grid), names=("logprobs",), token_budget=64)["logprobs"]
+        seqs.fields["old_logprobs"] = before
+        mask = seqs.response_mask
+        algo = AlgoConfig()
+        worker.train(seqs, actor_loss(grid, algo, num_tokens=float(mask.sum()), num_seqs=8.0, kl_coef=0.0), token_budget=24)
+        after = worker.forward(seqs, actor_head(grid), names=("logprobs",), token_budget=64)["logprobs"]
+        gain = float((seqs.fields["advantages"] * (after - before) * mask).sum())
+        assert gain > 0, f"the update moved log-probs against the advantages (Σ A·Δlogπ = {gain})"
+    finally:
+        grid.destroy()

@@ -1,0 +1,80 @@
+"""`hybridflow-mg train` refuses bad input with one line before any process starts."""
+import contextlib
+import io
+import json
+import subprocess
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.tiny import llama_config, save_random_hf
+
+
+def cli(*args):
+    from hybridflow_mg.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, "", err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = save_random_hf(llama_config(hidden_size=128, num_attention_heads=2, num_key_value_heads=2), root / "m")
+    rows = [{"prompt": [{"role": "user", "content": "1+1="}], "data_source": "openai/gsm8k",
+             "reward_model": {"ground_truth": "2", "style": "rule"}}]
+    pq.write_table(pa.Table.from_pylist(rows), root / "good.parquet")
+    pq.write_table(pa.Table.from_pylist([{"question": "1+1=", "answer": "2"}]), root / "no_prompt.parquet")
+    pq.write_table(pa.Table.from_pylist(rows).slice(0, 0), root / "empty.parquet")
+    (root / "empty.jsonl").write_text("\n")
+    (root / "broken_reward.py").write_text("def score(:\n")
+    preset = root / "preset.yaml"
+    preset.write_text(f"model: {{path: {model}}}\ndata: {{train_files: [{root / 'good.parquet'}]}}\n")
+    return root, preset
+
+
+def _one_line(proc, message):
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hybridflow-mg: error:") and message in lines[0], proc.stderr
+
+
+def test_dataset_without_the_prompt_column(setup):
+    root, preset = setup
+    _one_line(cli("train", preset, f"data.train_files=[{root / 'no_prompt.parquet'}]"),
+              "has no column 'prompt' (columns: answer, question); set data.prompt_key")
+
+
+@pytest.mark.parametrize("name", ["empty.parquet", "empty.jsonl"])
+def test_empty_dataset(setup, name):
+    root, preset = setup
+    _one_line(cli("train", preset, f"data.train_files=[{root / name}]"), "holds no rows")
+
+
+def test_missing_dataset_file(setup):
+    root, preset = setup
+    _one_line(cli("train", preset, f"data.train_files=[{root / 'nope.parquet'}]"), "does not exist")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("algo.advantage.estimator=grpoo", "unknown advantage estimator 'grpoo' (did you mean 'grpo'?); valid names: gae, grpo"),
+    ("algo.policy_loss.name=ppo", "unknown policy loss 'ppo'"),
+    ("algo.kl.estimator=k4", "unknown KL estimator 'k4'"),
+])
+def test_unknown_estimator_and_loss_names_list_the_valid_ones(setup, override, message):
+    _, preset = setup
+    _one_line(cli("train", preset, override), message)
+
+
+def test_reward_function_path_that_does_not_import(setup):
+    root, preset = setup
+    _one_line(cli("train", preset, f"reward.fn={root / 'broken_reward.py'}:score"), "broken_reward.py")
+    _one_line(cli("train", preset, f"reward.fn={root / 'missing.py'}:score"), "missing.py")
+
+
+def test_model_path_without_config(setup):
+    root, preset = setup
+    _one_line(cli("train", preset, f"model.path={root}"), "is not an HF model directory")
