@@ -106,8 +106,9 @@ class PerTensorBaseline:
                 raise ValueError(f"rank {rank} (stage {self.stage}): sources and the layout disagree on {key}")
             if key not in dests:
                 raise ValueError(f"rank {rank}: no destination for {key}")
-            split = rule.dim is not None and layout.tp > 1
-            mcore = [shard_index(rule, "mcore", dims, layout.tp, k).to(device) for k in range(layout.tp)] if split else None
+            # split tensors are merged by their row maps even at tp=1 (Megatron's qkv interleave, vocab padding)
+            mcore = None if rule.dim is None else \
+                [shard_index(rule, "mcore", dims, layout.tp, k).to(device) for k in range(layout.tp)]
             vllm = shard_index(rule, "vllm", dims, gen_tp, gen_rank).to(device)
             self.steps.append((key, rule, stage, mcore, vllm))
 
@@ -121,20 +122,24 @@ class PerTensorBaseline:
                 full = self.sources[key]  # replicated: already whole, no temporary
             elif held:
                 shard = self.sources[key]
-                gathered = [torch.empty_like(shard) for _ in mcore_maps]
-                meter.alloc(*gathered)
-                dist.all_gather(gathered, shard, group=self.tp_group)
-                calls += 1
-                recv += (len(gathered) - 1) * shard.numel() * shard.element_size()
+                gathered = [shard]
+                if len(mcore_maps) > 1:
+                    gathered = [torch.empty_like(shard) for _ in mcore_maps]
+                    meter.alloc(*gathered)
+                    dist.all_gather(gathered, shard, group=self.tp_group)
+                    calls += 1
+                    recv += (len(gathered) - 1) * shard.numel() * shard.element_size()
                 full = shard.new_empty(canonical_shape(rule, self.dims))
                 meter.alloc(full)
                 for part, rows in zip(gathered, mcore_maps):
                     put_shard(full, part, rows, dim)
-                meter.free(*gathered)
+                if len(mcore_maps) > 1:
+                    meter.free(*gathered)
                 del gathered
             if self.layout.pp > 1:
                 if not held:
-                    full = torch.empty(canonical_shape(rule, self.dims), dtype=self.dtype, device=self.dests[key].device)
+                    full = torch.empty(canonical_shape(rule, self.dims), dtype=self.dtype,
+                                       device=self.dests[key].device)
                     meter.alloc(full)
                     recv += full.numel() * full.element_size()
                 dist.broadcast(full, src=self.pp_ranks[stage], group=self.pp_group)
