@@ -14,7 +14,7 @@ import sys
 
 from hybridflow_mg import __version__
 
-COMMANDS = ("config", "grid", "convert", "export")
+COMMANDS = ("config", "grid", "convert", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
