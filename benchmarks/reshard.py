@@ -11,10 +11,10 @@ machine they say more than wall time. Destinations of the two must be bitwise eq
 ours with the other gather collective), bytes must equal their formulas (ours: the plan; baseline:
 the whole model less what the rank holds). Prints a table, writes JSON.
 
-Allocator. With `--malloc cache` (default) every rank asks glibc to keep freed memory below 32 MiB
-(mallopt) instead of returning it to the OS, so neither method page-faults its temporaries back in on
-every reshard: that models the GPU caching allocator, and it helps the baseline, whose per-tensor
-temporaries are the ones it saves. `--malloc plain` keeps glibc's defaults.
+Page faults. On the CPU test VM a freshly faulted page costs several microseconds, so temporaries
+that glibc hands back to the OS and that are touched again every reshard can cost more than the
+copies themselves. Ours keeps its bucket workspace on CPU (`Resharder.keep_workspace`); the baseline
+allocates its per-tensor temporaries as peers do. Faults per rank are recorded for both.
 
     torchrun --standalone --nproc-per-node 8 benchmarks/reshard.py --train tp=2,pp=2 --gen tp=2
     hybridflow-mg bench reshard --nproc 8 --train tp=2,pp=2 --gen tp=2      # the same, launched for you
@@ -24,7 +24,6 @@ Exit status 1 when destinations differ or a byte count misses its formula.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime as dt
 import json
 import os
@@ -108,19 +107,6 @@ def layout_of(args, world: int) -> ParallelLayout:
 
 
 # --- the run ----------------------------------------------------------------------------------------
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
-
-
-def keep_freed_memory() -> str:
-    """glibc: serve allocations up to 32 MiB (its maximum) from the heap and never trim it."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 40) == 1
-    except (OSError, AttributeError):
-        ok = False
-    return "glibc mallopt M_MMAP_THRESHOLD=32MiB M_TRIM_THRESHOLD=1TiB" if ok else "unchanged (not glibc)"
-
-
 def _shared_dir() -> Path:
     path = [tempfile.mkdtemp(prefix="hfmg_bench_") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(path, src=0)
@@ -149,7 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.repeats < 1 or args.model_mb <= 0 or args.bucket_mb <= 0:
         raise ValueError("--repeats must be >= 1, --model-mb and --bucket-mb positive")
-    allocator = keep_freed_memory() if args.malloc == "cache" else "glibc defaults"
     from hybridflow_mg.dist.grid import Grid
     from hybridflow_mg.dist.launch import init_distributed
     from hybridflow_mg.models.hf_io import HFSource
@@ -202,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                     base=vars(base_stats), timings=timings)
         everyone = [None] * layout.world
         dist.all_gather_object(everyone, mine)
-        ours_setup = {"keep_workspace": ours.keep_workspace, "allocator": allocator,
+        ours_setup = {"keep_workspace": ours.keep_workspace,
                       "gather_collective": "all_to_all_single" if ours.gather_by_alltoall else "all_gather_into_tensor"}
         report = _report(args, layout, config, dims, everyone, device, load_before, info.launcher, ours_setup)
         ok = report["checks"]["all_pass"]

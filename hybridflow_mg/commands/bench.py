@@ -28,9 +28,6 @@ RESHARD_OPTIONS: tuple[tuple[str, dict], ...] = (
     ("--repeats", dict(type=int, default=5, help="timed rounds after one warm-up; the median is reported")),
     ("--bucket-mb", dict(type=float, default=64.0, help="resharder bucket size in MB; default 64")),
     ("--seed", dict(type=int, default=0, help="seed of the random model")),
-    ("--malloc", dict(choices=("cache", "plain"), default="cache",
-                      help="cache: glibc keeps freed memory for both methods, like a caching allocator; "
-                           "plain: glibc defaults")),
     ("--out", dict(default=None, help="JSON path (default benchmarks/results/reshard_<device>_<layout>_<date>.json)")),
 )
 
