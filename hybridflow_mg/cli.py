@@ -14,7 +14,7 @@ import sys
 
 from hybridflow_mg import __version__
 
-COMMANDS = ("config", "grid", "plan", "convert", "export", "generate", "train")
+COMMANDS = ("train", "generate", "config", "grid", "plan", "convert", "export", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
