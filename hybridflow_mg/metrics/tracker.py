@@ -36,7 +36,7 @@ class Tracker:
         self._tb = None
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            self._file = open(run_dir / "metrics.jsonl", "w", buffering=1)  # a run starts its history afresh
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
