@@ -16,7 +16,7 @@ def test_training_run_end_to_end(tmp_path):
                  "actor.warm_start.steps=4", "model.synthetic.num_warm_start=64", "model.synthetic.num_train=64",
                  "model.synthetic.num_val=16", "data.prompts_per_step=8", "rollout.n=4",
                  "algo.advantage.estimator=gae", "algo.kl.use_in_loss=true", "algo.kl.coef=0.01",
-                 "actor.mini_batches=2", "actor.micro_batch_tokens=96"]
+                 "actor.mini_batches=2", "actor.micro_batch_tokens=96", "trainer.save_every=2"]
     proc = subprocess.run([sys.executable, "-m", "hybridflow_mg.cli", "train", "configs/quickstart.yaml", "--nproc", "4",
                            *overrides], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
@@ -40,3 +40,4 @@ def test_training_run_end_to_end(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     assert torch.isfinite(model(torch.tensor([[1, 5, 6]])).logits).all()
     assert (run / "config.yaml").is_file()
+    assert (run / "checkpoints" / "step_2" / "hybridflow.json").is_file()

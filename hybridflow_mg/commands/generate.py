@@ -105,7 +105,7 @@ def _generate(args) -> int:
                     pp_rank=grid.train.pp)
     engine = VLLMEngine(args.hf, layout, RolloutConfig(dtype=args.dtype, max_new_tokens=args.max_tokens),
                         load_weights=False)
-    hybrid = HybridEngine(grid, chunks, spec.dims, engine, naming="te" if built.layer_spec == "te" else "local")
+    hybrid = HybridEngine(grid, chunks, spec.dims, engine, naming=built.naming)
     stats = hybrid.sync_weights()
     sampling = engine.config.sampling(n=args.n, temperature=0.0 if args.greedy else args.temperature,
                                       max_new_tokens=args.max_tokens, seed=args.seed, stop_token_ids=_stop_ids(hf_config))

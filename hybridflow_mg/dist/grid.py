@@ -16,6 +16,13 @@ import torch.distributed as dist
 from hybridflow_mg.dist.layout import GenCoord, ParallelLayout, TrainCoord
 
 
+def _live_groups() -> set:
+    """Every process group of this process except the default one (torch keeps them in its world map)."""
+    world = getattr(dist.distributed_c10d, "_world", None)
+    groups = set(getattr(world, "pg_map", {}) or {})
+    return {g for g in groups if g is not dist.GroupMember.WORLD and g is not dist.distributed_c10d._get_default_group()}
+
+
 def _subgroup(groups: list[list[int]], rank: int, created: list) -> dist.ProcessGroup:
     """Create every group in `groups` (all ranks take part, as torch requires) and return ours."""
     mine = None
@@ -47,6 +54,7 @@ class Grid:
     gen_pp_group: dist.ProcessGroup | None = field(default=None, repr=False)
     gen_replica_group: dist.ProcessGroup | None = field(default=None, repr=False)
     _owned: list = field(default_factory=list, repr=False)
+    _groups_before: set = field(default_factory=set, repr=False)
 
     def __post_init__(self):
         self.train = self.layout.train_coord(self.rank)
@@ -76,6 +84,7 @@ class Grid:
             apply_cpu_shims()
         if mpu.model_parallel_is_initialized():
             mpu.destroy_model_parallel()
+        grid._groups_before = _live_groups()
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=layout.tp,
             pipeline_model_parallel_size=layout.pp,
@@ -137,7 +146,9 @@ class Grid:
         """Tear down every group this grid made (megatron-core's too); the default group stays."""
         from megatron.core import parallel_state as mpu
 
-        for group in self._owned:
+        # megatron-core's destroy_model_parallel only forgets its groups; destroying them here (and ours)
+        # closes their connections, so building grid after grid in one process (tests) leaks nothing
+        for group in _live_groups() - self._groups_before:
             dist.destroy_process_group(group)
         self._owned.clear()
         mpu.destroy_model_parallel()

@@ -127,11 +127,6 @@ class ParallelLayout:
     gen_tp_enabled = property(lambda self: self.gen_tp > 1)
     gen_pp_enabled = property(lambda self: self.gen_pp > 1)
 
-    @property
-    def reshard_free(self) -> bool:
-        """True when generation shards are training shards (d_g = 1 and same tp): nothing moves."""
-        return self.micro_dp == 1 and self.gen_tp == self.tp and self.vpp == 1
-
     # --- training coordinates (Megatron order tp-cp-ep-dp-pp) ----------------------------------------
     def train_coord(self, rank: int) -> TrainCoord:
         self._check_rank(rank)

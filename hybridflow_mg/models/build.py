@@ -35,6 +35,11 @@ class BuiltModel:
     padded_vocab: int
     dtype: torch.dtype
 
+    @property
+    def naming(self) -> str:
+        """Which parameter names the layer spec gives (`layouts` spec "te" or "local")."""
+        return "te" if self.layer_spec == "te" else "local"
+
 
 class ValueHead(torch.nn.Module):
     """Replicated scalar head standing in for GPTModel's output layer: [s, b, h] → ([s, b, 1], None)."""

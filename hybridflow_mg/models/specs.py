@@ -83,7 +83,3 @@ def layer_spec(name: str):
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
-
-def param_naming(name: str) -> str:
-    """Which layouts naming (`local` or `te`) a resolved spec's parameters use."""
-    return "te" if resolve(name) == "te" else "local"

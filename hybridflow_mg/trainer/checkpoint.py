@@ -23,7 +23,7 @@ def save_actor(run, directory: Path) -> Path:
         (directory / META).unlink(missing_ok=True)
     dist.barrier()
     params = list(model_params(run.actor.modules, dims, pp=lay.pp, pp_rank=grid.train.pp, vpp=lay.vpp,
-                               naming="te" if run.cfg.model.layer_spec == "te" else "local"))
+                               naming=run.naming))
     if grid.train.dp == 0:
         save_shard(directory, grid.train.tp, grid.train.pp, {name(rule, "mcore", layer): p for rule, layer, _, p in params})
     dist.barrier()

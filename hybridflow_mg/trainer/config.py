@@ -157,6 +157,9 @@ class TrainerConfig:
     """Save the actor as a Megatron checkpoint every this many steps (and at the end); 0 = only at the end."""
     save_final: bool = True
     """Save the actor when the run ends."""
+    offload_during_rollout: bool = False
+    """GPU: move the training models' parameters, gradients and optimizer states to pinned host
+    memory while vLLM generates (rollout/offload.py); a no-op on CPU."""
 
     def __post_init__(self):
         _positive("total_steps", self.total_steps)

@@ -10,6 +10,7 @@ over data-parallel ranks) so that group statistics and whitening do not depend o
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ from hybridflow_mg.metrics.tracker import Timer
 from hybridflow_mg.rewards import dynamic_sampling_mask, score_batch
 from hybridflow_mg.rollout.hybrid_engine import dp_slice
 from hybridflow_mg.trainer.batch import Sequences
+from hybridflow_mg.trainer.checkpoint import save_actor
 from hybridflow_mg.trainer.roles import actor_head, actor_loss, critic_loss, score_head, value_head
 
 
@@ -48,7 +50,7 @@ def train(run) -> dict:
         batch = next(run.train_batches)
         with timer("reshard"):
             reshard = run.hybrid.sync_weights()
-        with timer("generate"):
+        with timer("generate"), offloaded(run):
             rollouts = generate(run, batch)
         run.hybrid.release()
         with timer("reward"):
@@ -70,10 +72,31 @@ def train(run) -> dict:
         metrics.update({f"time/{k}": v for k, v in timer.seconds.items()}, seconds=time.perf_counter() - start)
         run.kl_controller.update(metrics.get("kl", 0.0), len(rollouts.seqs))
         run.tracker.log(step, metrics)
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+            save_actor(run, run.run_dir / "checkpoints" / f"step_{step}")
     return metrics
 
 
 # --- stages -------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def offloaded(run):
+    """Training state in host memory for the body (GPU, `trainer.offload_during_rollout`)."""
+    if not (run.cfg.trainer.offload_during_rollout and torch.cuda.is_available()):
+        yield
+        return
+    from hybridflow_mg.rollout.offload import TrainingStateOffloader
+
+    movers = [TrainingStateOffloader(w.chunks, w.optimizer) for w in (run.actor, run.critic, run.ref, run.reward_model)
+              if w is not None]
+    for m in movers:
+        m.offload()
+    try:
+        yield
+    finally:
+        for m in movers:
+            m.reload()
+
+
 def generate(run, batch) -> Rollouts:
     completions = run.hybrid.generate(batch.prompt_ids, run.sampling)
     part = dp_slice(len(batch), run.grid.layout.dp, run.grid.train.dp)

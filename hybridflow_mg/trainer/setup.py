@@ -40,6 +40,8 @@ class Run:
     train_batches: PromptBatches
     val_batches: PromptBatches | None
     spec: ModelSpec
+    naming: str
+    """Parameter naming of the built models (`layouts` spec: "local" or "te")."""
     actor: ModelWorker
     ref: ModelWorker | None
     critic: ModelWorker | None
@@ -56,12 +58,12 @@ class Run:
         self.grid.destroy()
 
 
-def _load(grid, spec: ModelSpec, path: str, role: str, cfg: TrainConfig, *, skip=()) -> list:
+def _load(grid, spec: ModelSpec, path: str, role: str, cfg: TrainConfig, *, skip=()) -> tuple[list, str]:
+    """(model chunks loaded from the HF directory `path`, their parameter naming)."""
     chunks, built = build_model(spec, grid, role=role, layer_spec_name=cfg.model.layer_spec, dtype=cfg.model.dtype)
     load_into_model(chunks, HFSource(path, spec.dims), tp=grid.layout.tp, tp_rank=grid.train.tp, pp=grid.layout.pp,
-                    pp_rank=grid.train.pp, vpp=grid.layout.vpp, naming="te" if built.layer_spec == "te" else "local",
-                    skip=skip)
-    return chunks
+                    pp_rank=grid.train.pp, vpp=grid.layout.vpp, naming=built.naming, skip=skip)
+    return chunks, built.naming
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -85,30 +87,30 @@ def build_run(cfg: TrainConfig) -> Run:
 
     hf_config = read_hf_config(cfg.model.path)
     spec = spec_from_hf(hf_config, head="lm", vocab_divisor=cfg.model.vocab_divisor)
-    actor = ModelWorker(grid, _load(grid, spec, cfg.model.path, "actor", cfg), optim=cfg.actor.optim, name="actor")
+    actor_chunks, naming = _load(grid, spec, cfg.model.path, "actor", cfg)
+    actor = ModelWorker(grid, actor_chunks, optim=cfg.actor.optim, name="actor")
     ref = None
     if cfg.algo.uses_reference:
-        ref = ModelWorker(grid, _load(grid, spec, cfg.model.path, "ref", cfg), name="ref")
+        ref = ModelWorker(grid, _load(grid, spec, cfg.model.path, "ref", cfg)[0], name="ref")
     critic = None
     if cfg.algo.uses_critic:
         path = cfg.model.critic_path or cfg.model.path
         critic_spec = spec_from_hf(read_hf_config(path), head="value", vocab_divisor=cfg.model.vocab_divisor)
         skip = () if cfg.model.critic_path else ("value_head",)  # from the actor: trunk loaded, head starts at 0
-        critic = ModelWorker(grid, _load(grid, critic_spec, path, "critic", cfg, skip=skip), optim=cfg.critic.optim,
-                             name="critic")
+        critic = ModelWorker(grid, _load(grid, critic_spec, path, "critic", cfg, skip=skip)[0],
+                             optim=cfg.critic.optim, name="critic")
     reward_model = None
     if cfg.model.reward_model_path:
         rm_spec = spec_from_hf(read_hf_config(cfg.model.reward_model_path), head="value",
                                vocab_divisor=cfg.model.vocab_divisor)
-        reward_model = ModelWorker(grid, _load(grid, rm_spec, cfg.model.reward_model_path, "reward", cfg),
+        reward_model = ModelWorker(grid, _load(grid, rm_spec, cfg.model.reward_model_path, "reward", cfg)[0],
                                    name="reward_model")
 
     engine = VLLMEngine(cfg.model.path, layout, cfg.rollout, load_weights=False)
-    naming = "te" if cfg.model.layer_spec == "te" else "local"
     hybrid = HybridEngine(grid, actor.modules, spec.dims, engine, naming=naming)
     stop = tuple(cfg.rollout.stop_token_ids) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
     sampling = cfg.rollout.sampling(stop_token_ids=stop)
     return Run(cfg=cfg, grid=grid, run_dir=out, tracker=tracker, tokenizer=tokenizer, train_batches=train_batches,
-               val_batches=val_batches, spec=spec, actor=actor, ref=ref, critic=critic, reward_model=reward_model,
+               val_batches=val_batches, spec=spec, naming=naming, actor=actor, ref=ref, critic=critic, reward_model=reward_model,
                engine=engine, hybrid=hybrid, reward_fn=build_reward_fn(cfg.reward),
                kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling)
