@@ -41,8 +41,16 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("HYBRIDFLOW_DEBUG") or not isinstance(e, (ValueError, LaunchError, FileNotFoundError)):
             raise
-        print(f"hybridflow-mg: error: {e}", file=sys.stderr)
+        if _rank() == 0:  # under a launcher every rank fails alike: one of them says so
+            print(f"hybridflow-mg: error: {e}", file=sys.stderr)
         return 2
+
+
+def _rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
 
 
 if __name__ == "__main__":

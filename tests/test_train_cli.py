@@ -78,3 +78,9 @@ def test_reward_function_path_that_does_not_import(setup):
 def test_model_path_without_config(setup):
     root, preset = setup
     _one_line(cli("train", preset, f"model.path={root}"), "is not an HF model directory")
+
+
+def test_prompts_that_do_not_split_over_data_parallel_ranks(setup):
+    _, preset = setup
+    _one_line(cli("train", preset, "--nproc", "4", "parallel.train.tp=2", "data.prompts_per_step=3"),
+              "must be a multiple of the data-parallel size 2")

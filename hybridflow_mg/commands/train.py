@@ -41,8 +41,9 @@ def run(args) -> int:
     preflight(cfg)
     if args.nproc and discover().world_size == 1:
         from hybridflow_mg.commands.config import layout_of
+        from hybridflow_mg.trainer.setup import check_batch_split
 
-        layout_of(cfg, args.nproc)
+        check_batch_split(cfg, layout_of(cfg, args.nproc).dp)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "hybridflow_mg.cli", "train", args.config, *args.overrides]
         return subprocess.call(cmd)

@@ -44,12 +44,12 @@ def train(run) -> dict:
     for step in range(1, cfg.trainer.total_steps + 1):
         timer, start = Timer(), time.perf_counter()
         metrics = {}
-        if run.val_batches is not None and cfg.trainer.val_every and (step == 1 or step % cfg.trainer.val_every == 0):
-            with timer("validate"):
-                metrics["val_reward"] = validate(run)
         batch = next(run.train_batches)
         with timer("reshard"):
             reshard = run.hybrid.sync_weights()
+        if run.val_batches is not None and cfg.trainer.val_every and (step == 1 or step % cfg.trainer.val_every == 0):
+            with timer("validate"):
+                metrics["val_reward"] = validate(run)  # the weights just resharded: the policy before this step
         with timer("generate"), offloaded(run):
             rollouts = generate(run, batch)
         run.hybrid.release()
@@ -70,7 +70,7 @@ def train(run) -> dict:
                 metrics.update(update(run, run.critic, rollouts, keep, actor=False))
         metrics.update(step_metrics(run, rollouts, scores, keep, reshard))
         metrics.update({f"time/{k}": v for k, v in timer.seconds.items()}, seconds=time.perf_counter() - start)
-        run.kl_controller.update(metrics.get("kl", 0.0), len(rollouts.seqs))
+        run.kl_controller.update(metrics.get("kl", metrics.get("rollout_kl", 0.0)), len(rollouts.seqs))
         run.tracker.log(step, metrics)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
             save_actor(run, run.run_dir / "checkpoints" / f"step_{step}")
@@ -146,18 +146,20 @@ def values(run, r: Rollouts) -> None:
 
 
 def _gather_dp(run, t: torch.Tensor, width: int) -> torch.Tensor:
-    """This rank's [B, T_local] (or [B]) tensor padded to `width` and gathered over data-parallel ranks."""
+    """This rank's [B, T_local] (or [B]) tensor padded to `width` and gathered over data-parallel ranks
+    (through the grid's device: NCCL takes CUDA tensors only); returned on the CPU."""
     if t.dim() == 2:
         t = torch.nn.functional.pad(t, (0, width - t.size(1)))
+    t = t.contiguous().to(run.grid.device)
     parts = [torch.empty_like(t) for _ in range(run.grid.layout.dp)]
-    dist.all_gather(parts, t.contiguous(), group=run.grid.dp_group)
-    return torch.cat(parts)
+    dist.all_gather(parts, t, group=run.grid.dp_group)
+    return torch.cat(parts).cpu()
 
 
 def advantages(run, r: Rollouts, scores: torch.Tensor) -> torch.Tensor:
     """Advantages (and critic returns) on the whole batch; returns this rank's [B] keep mask (DAPO)."""
     cfg, seqs = run.cfg, r.seqs
-    width = torch.tensor(seqs.resp_len)
+    width = torch.tensor(seqs.resp_len, device=run.grid.device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX, group=run.grid.dp_group)
     width = int(width)
     mask = _gather_dp(run, seqs.response_mask, width)
@@ -219,7 +221,6 @@ def validate(run) -> float:
     greedy = run.engine.config.sampling(n=1, temperature=0.0, max_new_tokens=run.sampling.max_new_tokens,
                                         stop_token_ids=run.sampling.stop_token_ids)
     total, count = 0.0, 0
-    run.hybrid.sync_weights()
     for batch in run.val_batches.epoch_batches(0):
         completions = run.hybrid.generate(batch.prompt_ids, greedy, whole_batch=True)
         texts = [run.tokenizer.decode([t for t in c.samples[0].token_ids if t != run.tokenizer.eos_id])
@@ -234,14 +235,22 @@ def step_metrics(run, r: Rollouts, scores: torch.Tensor, keep: torch.Tensor, res
     seqs = r.seqs
     mask = seqs.response_mask
     diff = ((r.rollout_logprobs - seqs.fields["old_logprobs"]).abs() * mask)
+    kl = 0.0
+    if "ref_logprobs" in seqs.fields:  # KL to the reference of the sampled tokens, as the config estimates it
+        kl = float(compute_kl(seqs.fields["old_logprobs"], seqs.fields["ref_logprobs"], mask,
+                              run.cfg.algo.kl.estimator).sum())
+    device = run.grid.device
     local = torch.tensor([scores.sum(), (scores ** 2).sum(), len(scores), mask.sum(), diff.sum(),
-                          float(keep.sum())], dtype=torch.float64)
-    worst = torch.tensor([diff.max() if diff.numel() else 0.0], dtype=torch.float64)
+                          float(keep.sum()), kl], dtype=torch.float64, device=device)
+    worst = torch.tensor([diff.max() if diff.numel() else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(local, group=run.grid.dp_group)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=run.grid.dp_group)
-    s, s2, n, tokens, d, kept = local.tolist()
+    s, s2, n, tokens, d, kept, kl_sum = local.tolist()
     mean = s / n
-    return {"reward_mean": mean, "reward_std": max(s2 / n - mean * mean, 0.0) ** 0.5, "response_len": tokens / n,
-            "rollout_logprob_diff": d / max(tokens, 1), "rollout_logprob_diff_max": float(worst),
-            "samples_kept": kept, "reshard_mb": reshard.recv_bytes / 1e6, "reshard_collectives": reshard.collectives,
-            "kl_coef": run.kl_controller.value}
+    out = {"reward_mean": mean, "reward_std": max(s2 / n - mean * mean, 0.0) ** 0.5, "response_len": tokens / n,
+           "rollout_logprob_diff": d / max(tokens, 1), "rollout_logprob_diff_max": float(worst.item()),
+           "samples_kept": kept, "reshard_mb": reshard.recv_bytes / 1e6, "reshard_collectives": reshard.collectives,
+           "kl_coef": run.kl_controller.value}
+    if "ref_logprobs" in seqs.fields:
+        out["rollout_kl"] = kl_sum / max(tokens, 1)
+    return out

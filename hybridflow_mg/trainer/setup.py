@@ -66,6 +66,14 @@ def _load(grid, spec: ModelSpec, path: str, role: str, cfg: TrainConfig, *, skip
     return chunks, built.naming
 
 
+def check_batch_split(cfg: TrainConfig, dp: int) -> None:
+    """Each data-parallel rank gets the same whole number of prompts, enough for every mini-batch."""
+    per_rank, rest = divmod(cfg.data.prompts_per_step, dp)
+    if rest or per_rank < max(cfg.actor.mini_batches, cfg.critic.mini_batches):
+        raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be a multiple of the data-parallel "
+                         f"size {dp}, with at least actor/critic mini_batches prompts per rank")
+
+
 def build_run(cfg: TrainConfig) -> Run:
     info, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
     t, g = cfg.parallel.train, cfg.parallel.gen
@@ -76,6 +84,7 @@ def build_run(cfg: TrainConfig) -> Run:
     dist.barrier()
     if cfg.model.synthetic is not None and info.rank != 0:
         cfg = synthetic_paths(cfg)
+    check_batch_split(cfg, layout.dp)
     grid = Grid.create(layout, device, seed=cfg.run.seed)
     out = run_dir(cfg)
     tracker = Tracker(out if grid.is_logging_rank else None,
