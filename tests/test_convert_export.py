@@ -144,3 +144,13 @@ def test_generate_command_matches_transformers(models, tmp_path):
                            pad_token_id=0)[0, len(prompt):].tolist()
         assert row["prompt_ids"] == prompt and row["output_ids"] == want
         assert len(row["logprobs"]) == len(want)
+
+
+def test_export_refuses_a_folder_holding_something_else(models, tmp_path):
+    assert cli("convert", "--hf", models["llama"], "--out", tmp_path / "ck").returncode == 0
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    _one_line_error(cli("export", "--ckpt", tmp_path / "ck", "--out", tmp_path / "out"), "is not empty")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert cli("export", "--ckpt", tmp_path / "ck", "--out", tmp_path / "hf").returncode == 0
+    assert cli("export", "--ckpt", tmp_path / "ck", "--out", tmp_path / "hf").returncode == 0  # replaces an export

@@ -84,3 +84,8 @@ def test_prompts_that_do_not_split_over_data_parallel_ranks(setup):
     _, preset = setup
     _one_line(cli("train", preset, "--nproc", "4", "parallel.train.tp=2", "data.prompts_per_step=3"),
               "must be a multiple of the data-parallel size 2")
+
+
+def test_zero_temperature_is_refused_for_rl(setup):
+    _, preset = setup
+    _one_line(cli("train", preset, "rollout.temperature=0"), "rollout.temperature must be positive")

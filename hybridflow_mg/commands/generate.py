@@ -109,7 +109,8 @@ def _generate(args) -> int:
     stats = hybrid.sync_weights()
     sampling = engine.config.sampling(n=args.n, temperature=0.0 if args.greedy else args.temperature,
                                       max_new_tokens=args.max_tokens, seed=args.seed, stop_token_ids=_stop_ids(hf_config))
-    completions = hybrid.generate(prompts, sampling, whole_batch=True)
+    with hybrid.generating():
+        completions = hybrid.generate(prompts, sampling, whole_batch=True)
     if grid.is_logging_rank:
         out = open(args.out, "w") if args.out else sys.stdout
         for c in completions:

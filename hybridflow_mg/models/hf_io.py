@@ -253,6 +253,13 @@ def hf_file_names(num_files: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{num_files:05d}.safetensors" for i in range(num_files)]
 
 
+def _is_hf_export(path: Path) -> bool:
+    """An HF model folder (what an export writes): config.json, safetensors, nothing else but tokenizer files."""
+    names = {p.name for p in path.iterdir()}
+    weights = {n for n in names if n.endswith(".safetensors") or n == "model.safetensors.index.json"}
+    return "config.json" in names and bool(weights) and names <= weights | {"config.json", *TOKENIZER_FILES}
+
+
 def export_hf(source: CanonicalSource, out_dir: str | os.PathLike, hf_config: dict, *, max_shard_bytes: int = 2 << 30,
               tokenizer_dir: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1,
               barrier=lambda: None) -> Path:
@@ -264,6 +271,9 @@ def export_hf(source: CanonicalSource, out_dir: str | os.PathLike, hf_config: di
     """
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
+    if out_dir.exists() and any(out_dir.iterdir()) and not _is_hf_export(out_dir):
+        raise ValueError(f"output folder {str(out_dir)!r} is not empty and is not an HF model; "
+                         f"choose a new folder (an earlier export there would be replaced)")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

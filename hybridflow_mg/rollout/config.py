@@ -103,9 +103,11 @@ class RolloutConfig:
     """Default base seed of `Sampling` (the trainer passes one per step), and vLLM's engine seed (which
     only unseeded requests would use; the engine sends none)."""
     logprobs_mode: Literal["raw", "processed"] = "raw"
-    """Which logprob of each sampled token is returned: ``raw`` = log_softmax of the model's logits
-    (what the trainer recomputes); ``processed`` = after temperature / top-k / top-p (the distribution
-    actually sampled, for importance-sampling corrections)."""
+    """Which logprob of each sampled token is returned: ``raw`` = log_softmax of the model's logits,
+    before temperature / top-k / top-p (equal to the trainer's log-probs at temperature 1);
+    ``processed`` = after them (the distribution actually sampled, for importance-sampling corrections).
+    The trainer's `rollout_logprob_diff` metric compares like with like only for raw at temperature 1
+    or processed without top-k / top-p."""
 
     # --- engine ------------------------------------------------------------------------------------
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

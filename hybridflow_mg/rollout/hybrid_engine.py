@@ -4,15 +4,18 @@ Per iteration (HybridFlow §5):
 
 1. `sync_weights()`: wake vLLM's weights (GPU), reshard the actor's training shards straight into
    vLLM's parameters (bucketed all-gathers in micro-DP groups; no rank ever holds the full model),
-   reset the prefix cache, wake the KV cache.
-2. `generate(prompts)`: the global prompt batch (identical on every rank) is spread over the
-   d·d_g generation replicas — replica R samples prompts R, R + replicas, ... — and every rank gets
-   back the completions of its *training* data-parallel slice (contiguous, `dp_slice`), which is
-   what its Megatron forward passes need.
-3. `release()`: sleep vLLM (GPU) so training gets the memory back; optionally offload training
-   state during generation (`offload.py`).
+   reset the prefix cache.
+2. `with generating():` wakes vLLM's KV cache for the body and puts vLLM to sleep after it (GPU), so
+   training gets the memory back. The trainer offloads its own state (`offload.py`) between steps 1
+   and 2, so the KV cache takes memory the training state has left.
+3. `generate(prompts)`: the global prompt batch (identical on every rank) is split into the training
+   data-parallel slices (`dp_slice`); the d_g generation replicas of each training replica share its
+   slice (round robin), and completions are gathered inside that training replica only — every rank
+   gets the completions its Megatron forward passes need, and nothing more crosses replicas.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -61,24 +64,32 @@ class HybridEngine:
         self.engine.wake_up(["weights"])
         self.last_stats = self.resharder.run()
         self.engine.weights_updated()
-        self.engine.wake_up(["kv_cache"])
         return self.last_stats
 
-    def release(self) -> None:
-        """Give vLLM's memory back to training (GPU; a no-op on CPU)."""
-        self.engine.sleep(level=1)
+    @contextlib.contextmanager
+    def generating(self):
+        """vLLM's KV cache for the body; vLLM asleep after it (GPU; no-ops on CPU)."""
+        self.engine.wake_up(["kv_cache"])
+        try:
+            yield self
+        finally:
+            self.engine.sleep(level=1)
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, whole_batch: bool = False) -> list[Completion]:
         """Completions of this rank's training-DP slice of the global `prompts` (same list on every
-        rank), or of all of them with `whole_batch`. Collective over the world."""
+        rank; collective over the training replica), or of all of them with `whole_batch` (collective
+        over the world; for validation and tools)."""
         lay, gen = self.grid.layout, self.grid.gen
-        replicas = lay.num_gen_replicas
-        mine = list(range(gen.replica, len(prompts), replicas))
+        if whole_batch:
+            part, group, share = slice(0, len(prompts)), None, (gen.replica, lay.num_gen_replicas)
+        else:  # replica R serves its training replica's slice: R = dp·d_g + (its place among d_g)
+            part = dp_slice(len(prompts), lay.dp, self.grid.train.dp)
+            group, share = self.grid.model_parallel_group, (gen.replica % lay.micro_dp, lay.micro_dp)
+        mine = list(range(part.start + share[0], part.stop, share[1]))
         # seeds follow the prompt's global index, so a sample does not depend on which replica drew it
         completions = self.engine.generate([prompts[i] for i in mine], sampling, prompt_indices=mine) if mine else []
         local = {i: c for i, c in zip(mine, completions)} if gen.tp == 0 else {}
-        gathered: list[dict] = [None] * lay.world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, local)
-        merged = {i: c for part in gathered for i, c in part.items()}
-        part = slice(0, len(prompts)) if whole_batch else dp_slice(len(prompts), lay.dp, self.grid.train.dp)
+        gathered: list[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+        dist.all_gather_object(gathered, local, group=group)
+        merged = {i: c for part_ in gathered for i, c in part_.items()}
         return [merged[i] for i in range(part.start, part.stop)]

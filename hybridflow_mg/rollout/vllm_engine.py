@@ -276,18 +276,16 @@ class VLLMEngine:
     def sleep(self, level: int = 1) -> None:
         """Free vLLM's GPU memory for training: level 1 offloads weights to host and drops the KV cache;
         level 2 drops both (the resharder must then write every weight after `wake_up`)."""
-        if self.on_cpu:
-            log.debug("sleep(level=%d): nothing to free, vLLM has no sleep mode on CPU", level)
+        if self.on_cpu or not self.config.enable_sleep_mode:
+            log.debug("sleep(level=%d): no sleep mode (CPU, or rollout.enable_sleep_mode=false)", level)
             return
-        if not self.config.enable_sleep_mode:
-            raise RuntimeError("sleep() needs rollout.enable_sleep_mode=true when the engine is built")
         self._llm.sleep(level=level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         """Re-allocate what `sleep` freed; ``tags`` picks ``["weights"]`` or ``["kv_cache"]`` (default both),
         so the resharder can write weights before the KV cache takes its memory back."""
-        if self.on_cpu:
-            log.debug("wake_up(%s): nothing to do, vLLM has no sleep mode on CPU", tags)
+        if self.on_cpu or not self.config.enable_sleep_mode:
+            log.debug("wake_up(%s): no sleep mode (CPU, or rollout.enable_sleep_mode=false)", tags)
             return
         self._llm.wake_up(tags=tags)
 

@@ -154,7 +154,8 @@ class TrainerConfig:
     val_every: int = 10
     """Greedy validation every this many steps (and before the first); 0 = never."""
     save_every: int = 0
-    """Save the actor as a Megatron checkpoint every this many steps (and at the end); 0 = only at the end."""
+    """Save the actor as a Megatron checkpoint every this many steps; 0 = never during the run (the end
+    is `save_final`)."""
     save_final: bool = True
     """Save the actor when the run ends."""
     offload_during_rollout: bool = False
@@ -184,6 +185,9 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self):
+        if self.rollout.temperature <= 0:
+            raise ValueError("rollout.temperature must be positive for RL (log-probs are taken at that "
+                             "temperature); greedy decoding is only for validation")
         if self.model.path is None and self.model.synthetic is None:
             raise ValueError("model.path (an HF directory) or model.synthetic is required")
         if self.model.synthetic is None and not self.data.train_files:

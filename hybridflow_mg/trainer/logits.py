@@ -57,6 +57,15 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, tp_group=None
 
 def entropy(logits: torch.Tensor, *, tp_group=None, temperature: float = 1.0) -> torch.Tensor:
     """H(π) per position from vocab-parallel logits [b, s, V/t] → [b, s]: log Z − Σ p·logit."""
+    return logprobs_and_entropy(logits, None, tp_group=tp_group, temperature=temperature)[1]
+
+
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor | None, *, tp_group=None, tp_rank: int = 0,
+                         temperature: float = 1.0, entropy_grad: bool = True):
+    """(log π(target) or None, H(π)), both [b, s], sharing one max and one log Z (4 all-reduces, one fp32 copy).
+
+    `entropy_grad=False` keeps the entropy out of the graph (a metric only).
+    """
     import torch.distributed as dist
 
     logits = logits.float() / temperature
@@ -65,6 +74,13 @@ def entropy(logits: torch.Tensor, *, tp_group=None, temperature: float = 1.0) ->
     shifted = logits - top.unsqueeze(-1)
     exp = shifted.exp()
     z = _all_reduce(exp.sum(dim=-1), tp_group)
-    # padded columns: exp = 0 and shifted = -inf; 0·(-inf) is nan, so they are zeroed explicitly
-    weighted = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(dim=-1)
-    return torch.log(z) - _all_reduce(weighted, tp_group) / z
+    logprob = None
+    if targets is not None:
+        local, mine = _local_targets(targets, tp_rank * logits.size(-1), logits.size(-1))
+        picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+        logprob = _all_reduce(torch.where(mine, picked, torch.zeros_like(picked)), tp_group) - torch.log(z)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        # padded columns hold -inf: replace it before multiplying (0·(-inf) is nan, in the backward too)
+        finite = torch.where(exp > 0, shifted, torch.zeros_like(shifted))
+        h = torch.log(z) - _all_reduce((exp * finite).sum(dim=-1), tp_group) / z
+    return logprob, h

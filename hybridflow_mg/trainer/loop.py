@@ -11,6 +11,7 @@ over data-parallel ranks) so that group statistics and whitening do not depend o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -47,12 +48,13 @@ def train(run) -> dict:
         batch = next(run.train_batches)
         with timer("reshard"):
             reshard = run.hybrid.sync_weights()
-        if run.val_batches is not None and cfg.trainer.val_every and (step == 1 or step % cfg.trainer.val_every == 0):
-            with timer("validate"):
-                metrics["val_reward"] = validate(run)  # the weights just resharded: the policy before this step
-        with timer("generate"), offloaded(run):
-            rollouts = generate(run, batch)
-        run.hybrid.release()
+        # training state out (GPU, optional) before vLLM's KV cache wakes; back after vLLM sleeps
+        with offloaded(run), run.hybrid.generating():
+            if run.val_batches is not None and cfg.trainer.val_every and (step == 1 or step % cfg.trainer.val_every == 0):
+                with timer("validate"):
+                    metrics["val_reward"] = validate(run)  # the policy before this step's update
+            with timer("generate"):
+                rollouts = generate(run, batch, step)
         with timer("reward"):
             scores = rewards(run, rollouts)
         with timer("ref"):
@@ -70,7 +72,8 @@ def train(run) -> dict:
                 metrics.update(update(run, run.critic, rollouts, keep, actor=False))
         metrics.update(step_metrics(run, rollouts, scores, keep, reshard))
         metrics.update({f"time/{k}": v for k, v in timer.seconds.items()}, seconds=time.perf_counter() - start)
-        run.kl_controller.update(metrics.get("kl", metrics.get("rollout_kl", 0.0)), len(rollouts.seqs))
+        run.kl_controller.update(metrics.get("kl", metrics.get("rollout_kl", 0.0)),
+                                 cfg.data.prompts_per_step * run.sampling.n)  # samples this step, all ranks
         run.tracker.log(step, metrics)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
             save_actor(run, run.run_dir / "checkpoints" / f"step_{step}")
@@ -97,8 +100,10 @@ def offloaded(run):
             m.reload()
 
 
-def generate(run, batch) -> Rollouts:
-    completions = run.hybrid.generate(batch.prompt_ids, run.sampling)
+def generate(run, batch, step: int) -> Rollouts:
+    # a fresh base seed per step (a prompt's samples must not repeat when it comes round again)
+    sampling = dataclasses.replace(run.sampling, seed=(run.cfg.run.seed * 1_000_003 + step) % 2**31)
+    completions = run.hybrid.generate(batch.prompt_ids, sampling)
     part = dp_slice(len(batch), run.grid.layout.dp, run.grid.train.dp)
     prompts, responses, groups, logprobs, items = [], [], [], [], []
     for k, (item, completion) in enumerate(zip(batch.items[part], completions)):
@@ -187,12 +192,11 @@ def update(run, worker, r: Rollouts, keep: torch.Tensor, *, actor: bool) -> dict
     seqs = r.seqs
     seqs.fields["loss_mask"] = seqs.response_mask * keep.float().unsqueeze(1)  # DAPO drops whole groups
     prompts = sorted(set(seqs.group.tolist()))
-    per = -(-len(prompts) // cfg.mini_batches)
     totals: dict[str, float] = {}
     steps = 0
     for _ in range(cfg.ppo_epochs):
-        for m in range(cfg.mini_batches):
-            chosen = set(prompts[m * per:(m + 1) * per])
+        for m in range(cfg.mini_batches):  # even split: every mini-batch has ⌊P/M⌋ or ⌈P/M⌉ prompts
+            chosen = set(prompts[m * len(prompts) // cfg.mini_batches:(m + 1) * len(prompts) // cfg.mini_batches])
             rows = [i for i, g in enumerate(seqs.group.tolist()) if g in chosen]
             mini = seqs.select(rows)
             counts = count_normalizers([mini.fields["loss_mask"]]).to(run.grid.device)

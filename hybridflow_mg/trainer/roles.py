@@ -12,7 +12,7 @@ import torch
 from hybridflow_mg.algos import aggregate
 from hybridflow_mg.algos.objectives import actor_loss_mat, critic_loss_mat
 from hybridflow_mg.trainer.batch import Sequences
-from hybridflow_mg.trainer.logits import entropy, token_logprobs
+from hybridflow_mg.trainer.logits import logprobs_and_entropy, token_logprobs
 
 
 def _at_responses(output: torch.Tensor, mb: Sequences) -> torch.Tensor:
@@ -21,16 +21,17 @@ def _at_responses(output: torch.Tensor, mb: Sequences) -> torch.Tensor:
     return output.gather(1, pos.unsqueeze(-1).expand(-1, -1, output.size(-1)))
 
 
-def actor_head(grid, *, temperature: float = 1.0, with_entropy: bool = False):
+def actor_head(grid, *, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = True):
     """{"logprobs": log π(response token)} (+ "entropy"), each [mb, T]."""
     def head(logits, mb):
         logits = _at_responses(logits, mb)
         targets = mb.responses().to(logits.device)
-        out = {"logprobs": token_logprobs(logits, targets, tp_group=grid.tp_group, tp_rank=grid.train.tp,
-                                          temperature=temperature)}
-        if with_entropy:
-            out["entropy"] = entropy(logits, tp_group=grid.tp_group, temperature=temperature)
-        return out
+        if not with_entropy:
+            return {"logprobs": token_logprobs(logits, targets, tp_group=grid.tp_group, tp_rank=grid.train.tp,
+                                               temperature=temperature)}
+        lp, h = logprobs_and_entropy(logits, targets, tp_group=grid.tp_group, tp_rank=grid.train.tp,
+                                     temperature=temperature, entropy_grad=entropy_grad)
+        return {"logprobs": lp, "entropy": h}
     return head
 
 
@@ -51,13 +52,14 @@ def actor_loss(grid, algo, *, num_tokens: float, num_seqs: float, kl_coef: float
     """The actor's loss per micro-batch (policy + KL + entropy), aggregated with the step's global counts."""
     need_entropy = algo.entropy.coef > 0
 
+    head = actor_head(grid, temperature=temperature, with_entropy=True, entropy_grad=need_entropy)
+
     def loss(logits, mb):
-        head = actor_head(grid, temperature=temperature, with_entropy=True)(logits, mb)
+        out = head(logits, mb)
         mask = mb.fields.get("loss_mask", mb.response_mask).to(logits.device)
         f = {k: v.to(logits.device) for k, v in mb.fields.items()}
-        loss_mat, stats = actor_loss_mat(head["logprobs"], f["old_logprobs"], f["advantages"], mask, algo,
-                                         ref_logprobs=f.get("ref_logprobs"), kl_coef=kl_coef,
-                                         entropy=head["entropy"] if need_entropy else head["entropy"].detach())
+        loss_mat, stats = actor_loss_mat(out["logprobs"], f["old_logprobs"], f["advantages"], mask, algo,
+                                         ref_logprobs=f.get("ref_logprobs"), kl_coef=kl_coef, entropy=out["entropy"])
         value = aggregate(loss_mat, mask, algo.policy_loss.agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
         sums = {k: (v * mask).sum() for k, v in stats.items() if v.shape == mask.shape}
         sums["tokens"] = mask.sum()

@@ -79,9 +79,15 @@ def build_run(cfg: TrainConfig) -> Run:
     t, g = cfg.parallel.train, cfg.parallel.gen
     layout = ParallelLayout.create(world=info.world_size, tp=t.tp, pp=t.pp, vpp=t.vpp, dp=t.dp, gen_tp=g.tp,
                                    gen_pp=g.pp)
+    failure = [None]
     if info.rank == 0:
-        cfg = prepare_run(cfg)  # run dir, resolved config, synthetic task and model
-    dist.barrier()
+        try:
+            cfg = prepare_run(cfg)  # run dir, resolved config, synthetic task and model
+        except Exception as e:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+            failure = [e]
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise failure[0]
     if cfg.model.synthetic is not None and info.rank != 0:
         cfg = synthetic_paths(cfg)
     check_batch_split(cfg, layout.dp)
@@ -96,6 +102,11 @@ def build_run(cfg: TrainConfig) -> Run:
 
     hf_config = read_hf_config(cfg.model.path)
     spec = spec_from_hf(hf_config, head="lm", vocab_divisor=cfg.model.vocab_divisor)
+    longest = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    if spec.sliding_window is not None and longest > spec.sliding_window:
+        raise ValueError(f"sequences of up to {longest} tokens exceed the model's sliding window "
+                         f"{spec.sliding_window}, which training does not apply; keep data.max_prompt_length + "
+                         f"rollout.max_new_tokens ≤ {spec.sliding_window}")
     actor_chunks, naming = _load(grid, spec, cfg.model.path, "actor", cfg)
     actor = ModelWorker(grid, actor_chunks, optim=cfg.actor.optim, name="actor")
     ref = None

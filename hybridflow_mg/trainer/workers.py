@@ -33,17 +33,34 @@ class ModelWorker:
             from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
             config = chunks[0].config
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+            distributed = torch.cuda.is_available()  # the distributed optimizer needs CUDA tensors
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=distributed)
             chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c) for c in chunks]
             config.finalize_model_grads_func = finalize_model_grads
             self.optimizer = get_megatron_optimizer(OptimizerConfig(
                 optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.beta1,
                 adam_beta2=optim.beta2, adam_eps=optim.eps, clip_grad=optim.clip_grad,
                 params_dtype=next(chunks[0].parameters()).dtype, bf16=config.bf16, fp16=config.fp16,
-                use_distributed_optimizer=torch.cuda.is_available()), chunks)
+                use_distributed_optimizer=distributed), chunks)
         self.chunks = chunks
 
     # --- the schedule ----------------------------------------------------------------------------------
+    def _groups(self, seqs: Sequences, token_budget: int) -> list[list[int]]:
+        """Token-budget micro-batches; with virtual pipeline stages, a multiple of pp of them (megatron-core's
+        interleaved schedule needs that), made by splitting the largest groups."""
+        groups = micro_batches(seqs, token_budget)
+        pp = self.grid.layout.pp
+        if len(self.chunks) == 1:
+            return groups
+        if len(seqs) < pp:
+            raise ValueError(f"{len(seqs)} sequences cannot fill the {pp} pipeline stages of the interleaved "
+                             f"schedule (vpp > 1); give each data-parallel rank at least {pp} sequences")
+        while len(groups) % pp or len(groups) < pp:
+            big = max(range(len(groups)), key=lambda i: (len(groups[i]), -i))
+            half = len(groups[big]) // 2
+            groups[big:big + 1] = [groups[big][:half], groups[big][half:]]
+        return groups
+
     def _run(self, seqs: Sequences, groups: list[list[int]], step: Callable, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -72,7 +89,7 @@ class ModelWorker:
     # --- no-grad passes ----------------------------------------------------------------------------------
     def forward(self, seqs: Sequences, head: Head, *, names: tuple[str, ...], token_budget: int) -> dict[str, torch.Tensor]:
         """{name: [B, T]} from `head` on every micro-batch, on every rank of the replica."""
-        groups = micro_batches(seqs, token_budget)
+        groups = self._groups(seqs, token_budget)
         for c in self.chunks:
             c.eval()
         with torch.no_grad():
@@ -96,7 +113,7 @@ class ModelWorker:
         """
         if self.optimizer is None:
             raise RuntimeError(f"{self.name} has no optimizer")
-        groups = micro_batches(seqs, token_budget)
+        groups = self._groups(seqs, token_budget)
         scale = len(groups) * self.grid.layout.dp  # undo megatron-core's 1/num_microbatches and DDP's 1/dp
 
         def step(out, mb):

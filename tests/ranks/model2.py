@@ -152,3 +152,39 @@ def shim_cuda_calls_land_on_cpu():
         assert clip is cpu_shims.clip_grad_by_total_norm_cpu
     in_optimizer([p], max_norm=1.0, total_norm=4.0)
     torch.testing.assert_close(p.grad, torch.full((4,), 2.0 / (4.0 + 1e-6)))
+
+
+@rank_check
+def vpp2_forward_with_any_micro_batch_count_equals_pp1():
+    """megatron-core's interleaved schedule needs a multiple of pp micro-batches; the worker makes one."""
+    from hybridflow_mg.trainer.batch import Sequences
+    from hybridflow_mg.trainer.roles import actor_head
+    from hybridflow_mg.trainer.workers import ModelWorker
+
+    from hybridflow_mg.models.layouts import global_layer
+
+    spec = spec_from_hf(llama_config(vocab_size=256, num_hidden_layers=4))
+    g = torch.Generator().manual_seed(9)
+    seqs = Sequences.build([torch.randint(1, 256, (4,), generator=g).tolist() for _ in range(5)],
+                           [torch.randint(1, 256, (3,), generator=g).tolist() for _ in range(5)], group=list(range(5)))
+    results = {}
+    for pp, vpp in ((1, 1), (2, 2)):
+        grid = Grid.create(ParallelLayout(world=2, tp=1, pp=pp, vpp=vpp, gen_tp=1))
+        try:
+            seed_model_parallel(4, 0)
+            chunks, _ = build_model(spec, grid, role="actor", layer_spec_name="local", init=(pp == 1))
+            if pp == 1:
+                full = {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+            else:
+                for vp, chunk in enumerate(chunks):
+                    for n, p in chunk.named_parameters():
+                        parts = n.split(".")
+                        if parts[:2] == ["decoder", "layers"]:
+                            parts[2] = str(global_layer(grid.train.pp, int(parts[2]), 4, pp=2, vpp=2, vpp_chunk=vp))
+                        p.data.copy_(full[".".join(parts)])
+            worker = ModelWorker(grid, chunks)
+            # a 21-token budget gives 3 micro-batches of 7-token sequences: not a multiple of pp=2
+            results[pp] = worker.forward(seqs, actor_head(grid), names=("logprobs",), token_budget=21)["logprobs"]
+        finally:
+            grid.destroy()
+    torch.testing.assert_close(results[2], results[1], rtol=1e-5, atol=1e-6)
