@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def results(module: str, nproc: int, timeout: int = 900) -> dict:
         for line in path.read_text().splitlines():
             rec = json.loads(line)
             table.setdefault(rec["check"], {})[rank] = rec
+    shutil.rmtree(out_dir, ignore_errors=True)
     return table
 
 
