@@ -40,9 +40,9 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ.setdefault("MASTER_PORT", "29531")
-    from hybridflow_mg.dist.grid import Grid
-    from hybridflow_mg.dist.launch import init_distributed
-    from hybridflow_mg.dist.layout import ParallelLayout
+    from hybridflow_mg.parallel.grid import Grid
+    from hybridflow_mg.parallel.launch import init_distributed
+    from hybridflow_mg.parallel.layout import ParallelLayout
     from hybridflow_mg.models.build import build_model
     from hybridflow_mg.models.hf_spec import spec_from_hf
 

@@ -42,7 +42,7 @@ import torch.distributed as dist  # noqa: E402
 
 from hybridflow_mg.commands._args import parse_sizes  # noqa: E402
 from hybridflow_mg.commands.bench import add_reshard_arguments  # noqa: E402
-from hybridflow_mg.dist.layout import ParallelLayout  # noqa: E402
+from hybridflow_mg.parallel.layout import ParallelLayout  # noqa: E402
 from hybridflow_mg.models.hf_spec import spec_from_hf  # noqa: E402
 from hybridflow_mg.models.layouts import canonical_shape, hf_names, hf_shapes, rules_for  # noqa: E402
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.repeats < 1 or args.model_mb <= 0 or args.bucket_mb <= 0:
         raise ValueError("--repeats must be >= 1, --model-mb and --bucket-mb positive")
-    from hybridflow_mg.dist.grid import Grid
-    from hybridflow_mg.dist.launch import init_distributed
+    from hybridflow_mg.parallel.grid import Grid
+    from hybridflow_mg.parallel.launch import init_distributed
     from hybridflow_mg.models.hf_io import HFSource
     from hybridflow_mg.reshard.baseline import PerTensorBaseline
     from hybridflow_mg.reshard.execute import Resharder

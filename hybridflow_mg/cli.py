@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except Exception as e:  # noqa: BLE001 - the user-error types below become one line
-        from hybridflow_mg.dist.launch import LaunchError
+        from hybridflow_mg.parallel.launch import LaunchError
 
         if os.environ.get("HYBRIDFLOW_DEBUG") or not isinstance(e, (ValueError, LaunchError, FileNotFoundError)):
             raise

@@ -1,8 +1,8 @@
 """Per-GPU memory and reshard traffic of one RL setup, from an HF config and two layouts: pure arithmetic.
 
 No torch here: parameter counts come from the `models.layouts` rules (the same table the resharder and
-HF import run on), traffic from `dist.layout.ParallelLayout.recv_fraction` (the numbers `grid` prints).
-Placement: above `dist/` and `models/`, below `commands/`; nothing else imports it.
+HF import run on), traffic from `parallel.layout.ParallelLayout.recv_fraction` (the numbers `grid` prints).
+Placement: above `parallel/` and `models/`, below `commands/`; nothing else imports it.
 
 Memory model, per GPU, at the moment generation runs (everything below is resident then):
 
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from math import prod
 
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_spec import ModelSpec, check_layout
 from hybridflow_mg.models.layouts import RULES_BY_KEY, ModelDims, ParamRule, canonical_shape, check_split, rules_for
 

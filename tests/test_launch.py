@@ -4,7 +4,7 @@ SLURM itself cannot run on this machine; these tests cover our side of the seam:
 sets, as documented by SLURM, turned into rank, world, local rank and rendezvous address."""
 import pytest
 
-from hybridflow_mg.dist.launch import DEFAULT_PORT, LaunchError, discover, first_host
+from hybridflow_mg.parallel.launch import DEFAULT_PORT, LaunchError, discover, first_host
 
 
 def test_torchrun_variables():

@@ -3,7 +3,7 @@ from fractions import Fraction
 
 import pytest
 
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 
 MATRIX = [(2, 2, 2), (4, 1, 2), (1, 2, 4), (8, 1, 1), (2, 4, 1)]
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_spec import spec_from_hf
 from hybridflow_mg.reshard.baseline import model_units
 from hybridflow_mg.reshard.plan import plan_reshard, training_tensors

@@ -39,13 +39,13 @@ def parse_bytes(text: str) -> int:
 
 def launched_world():
     """(rank, world, barrier) for commands that run alone or under a launcher (gloo, CPU work)."""
-    from hybridflow_mg.dist.launch import discover
+    from hybridflow_mg.parallel.launch import discover
 
     if discover().world_size == 1:
         return 0, 1, lambda: None
     import torch.distributed as dist
 
-    from hybridflow_mg.dist.launch import init_distributed
+    from hybridflow_mg.parallel.launch import init_distributed
 
     init_distributed(backend="gloo")
     return dist.get_rank(), dist.get_world_size(), lambda: dist.barrier()

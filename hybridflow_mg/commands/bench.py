@@ -60,7 +60,7 @@ def forwarded(args) -> list[str]:
 
 def check(args, world: int) -> None:
     """One-line ValueErrors before anything is launched: the layout over `world` ranks and the model."""
-    from hybridflow_mg.dist.layout import ParallelLayout
+    from hybridflow_mg.parallel.layout import ParallelLayout
 
     t = parse_sizes(args.train, ("tp", "pp", "vpp"), "--train")
     g = parse_sizes(args.gen, ("tp",), "--gen")
@@ -75,7 +75,7 @@ def check(args, world: int) -> None:
 
 
 def run(args) -> int:
-    from hybridflow_mg.dist.launch import discover
+    from hybridflow_mg.parallel.launch import discover
 
     if not SCRIPT.is_file():
         raise FileNotFoundError(f"{SCRIPT} is missing; run the benchmark from a source checkout (pip install -e .)")

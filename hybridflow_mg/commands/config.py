@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 
 
 def layout_of(cfg, world: int):
-    from hybridflow_mg.dist.layout import ParallelLayout
+    from hybridflow_mg.parallel.layout import ParallelLayout
 
     t, g = cfg.parallel.train, cfg.parallel.gen
     return ParallelLayout.create(world=world, tp=t.tp, pp=t.pp, vpp=t.vpp, dp=t.dp, gen_tp=g.tp, gen_pp=g.pp)

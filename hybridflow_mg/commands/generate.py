@@ -66,7 +66,7 @@ def _stop_ids(hf_config: dict) -> tuple[int, ...]:
 
 
 def run(args) -> int:
-    from hybridflow_mg.dist.launch import discover
+    from hybridflow_mg.parallel.launch import discover
 
     if args.nproc and discover().world_size == 1:  # start the processes ourselves
         argv = [a for a in sys.argv[1:]]
@@ -81,9 +81,9 @@ def run(args) -> int:
 def _generate(args) -> int:
     import torch.distributed as dist
 
-    from hybridflow_mg.dist.grid import Grid
-    from hybridflow_mg.dist.launch import init_distributed
-    from hybridflow_mg.dist.layout import ParallelLayout
+    from hybridflow_mg.parallel.grid import Grid
+    from hybridflow_mg.parallel.launch import init_distributed
+    from hybridflow_mg.parallel.layout import ParallelLayout
     from hybridflow_mg.models.build import build_model
     from hybridflow_mg.models.hf_io import HFSource, load_into_model
     from hybridflow_mg.models.hf_spec import check_layout, read_hf_config, spec_from_hf

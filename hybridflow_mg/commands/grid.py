@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from hybridflow_mg.commands._args import parse_sizes
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 
 
 def add_parser(sub) -> None:
@@ -38,9 +38,9 @@ def run(args) -> int:
         layout = layout_from_args(args.world, args.train, args.gen)
         print(layout.to_json() if args.json else layout.to_table())
         return 0
-    from hybridflow_mg.dist.launch import discover, init_distributed
-    from hybridflow_mg.dist.grid import Grid
-    from hybridflow_mg.dist.checks import check_grid_collectives
+    from hybridflow_mg.parallel.launch import discover, init_distributed
+    from hybridflow_mg.parallel.grid import Grid
+    from hybridflow_mg.parallel.checks import check_grid_collectives
 
     layout = layout_from_args(args.world or discover().world_size, args.train, args.gen)
     info, device = init_distributed()

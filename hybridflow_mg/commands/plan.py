@@ -12,7 +12,7 @@ import argparse
 import json
 
 from hybridflow_mg.commands._args import parse_sizes
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_spec import read_hf_config, spec_from_hf
 from hybridflow_mg.planning import DTYPE_BYTES, PlanOptions, make_plan, render
 

@@ -34,7 +34,7 @@ def preflight(cfg) -> None:
 
 def run(args) -> int:
     from hybridflow_mg.config.load import load_config
-    from hybridflow_mg.dist.launch import discover
+    from hybridflow_mg.parallel.launch import discover
     from hybridflow_mg.trainer.config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config, args.overrides)  # bad keys fail here, before any launch

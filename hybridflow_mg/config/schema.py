@@ -2,7 +2,7 @@
 
 Presets live in `configs/*.yaml`; `load.py` fills these from YAML and `a.b=value` overrides. Each
 `__post_init__` checks what can be checked without knowing the world size; the layout against the
-world is checked by `dist.layout.ParallelLayout` when the run starts.
+world is checked by `parallel.layout.ParallelLayout` when the run starts.
 """
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def transformer_config(spec: ModelSpec, layout, dtype: torch.dtype, resolved_spe
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
         use_cpu_initialization=not on_gpu, perform_initialization=init,
-        # CPU: no fused CUDA kernels, no p2p device sync (see dist/cpu_shims.py)
+        # CPU: no fused CUDA kernels, no p2p device sync (see parallel/cpu_shims.py)
         batch_p2p_sync=on_gpu, masked_softmax_fusion=on_gpu and resolved_spec != "local",
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,

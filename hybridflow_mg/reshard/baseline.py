@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.layouts import ModelDims, ParamRule, canonical_shape, layer_location, rules_for
 from hybridflow_mg.models.rowmaps import put_shard, shard_index, take_shard
 

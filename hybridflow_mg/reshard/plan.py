@@ -29,7 +29,7 @@ from functools import cached_property
 
 import torch
 
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.layouts import ModelDims, ParamRule, hf_names, layer_location, name, rules_for
 from hybridflow_mg.models.rowmaps import index_to_runs, locate, shard_index, shard_shape
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_spec import read_hf_config, spec_from_hf
 from hybridflow_mg.models.layouts import hf_names, match, rules_for
 from hybridflow_mg.models.rowmaps import shard_index, take_shard, to_canonical
@@ -135,7 +135,7 @@ class VLLMEngine:
     def __init__(self, model_path: str, layout: ParallelLayout, config: RolloutConfig | None = None, *,
                  load_weights: bool = True):
         if not dist.is_initialized():
-            raise RuntimeError("start torch.distributed first (hybridflow_mg.dist.launch.init_distributed)")
+            raise RuntimeError("start torch.distributed first (hybridflow_mg.parallel.launch.init_distributed)")
         if dist.get_world_size() != layout.world:
             raise ValueError(f"the layout plans {layout.world} ranks but {dist.get_world_size()} were launched")
         if layout.gen_pp != 1:

@@ -14,9 +14,9 @@ import torch.distributed as dist
 from hybridflow_mg.algos import build_kl_controller
 from hybridflow_mg.data.datasets import PromptBatches, build_prompt_data
 from hybridflow_mg.data.tokenizer import Tokenizer
-from hybridflow_mg.dist.grid import Grid
-from hybridflow_mg.dist.launch import init_distributed
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.grid import Grid
+from hybridflow_mg.parallel.launch import init_distributed
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.metrics.tracker import Tracker
 from hybridflow_mg.models.build import build_model
 from hybridflow_mg.models.hf_io import HFSource, load_into_model

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from hybridflow_mg.dist.checks import check_grid_collectives
-from hybridflow_mg.dist.grid import Grid
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.checks import check_grid_collectives
+from hybridflow_mg.parallel.grid import Grid
+from hybridflow_mg.parallel.layout import ParallelLayout
 from tests.multirank import rank_check
 
 

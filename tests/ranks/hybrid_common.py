@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 
 from hybridflow_mg.checkpoint.megatron import MegatronSource, convert
-from hybridflow_mg.dist.grid import Grid
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.grid import Grid
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.build import build_model
 from hybridflow_mg.models.hf_io import HFSource, load_into_model
 from hybridflow_mg.models.hf_spec import spec_from_hf

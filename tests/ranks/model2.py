@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from hybridflow_mg.dist.cpu_shims import seed_model_parallel
-from hybridflow_mg.dist.grid import Grid
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.cpu_shims import seed_model_parallel
+from hybridflow_mg.parallel.grid import Grid
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.build import build_model
 from hybridflow_mg.models.hf_spec import spec_from_hf
 from hybridflow_mg.models.layouts import match, rules_for
@@ -106,7 +106,7 @@ def pp2_schedule_with_p2p_equals_pp1():
 def shim_rng_tracker_forks_cpu_state():
     from megatron.core import tensor_parallel
 
-    from hybridflow_mg.dist.cpu_shims import CpuRNGStatesTracker
+    from hybridflow_mg.parallel.cpu_shims import CpuRNGStatesTracker
 
     grid = Grid.create(ParallelLayout(world=2, tp=2, pp=1, gen_tp=2))
     try:
@@ -135,7 +135,7 @@ def shim_cuda_calls_land_on_cpu():
     from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32 as in_clip_grads
     from megatron.core.optimizer.optimizer import clip_grad_by_total_norm_fp32 as in_optimizer
 
-    from hybridflow_mg.dist import cpu_shims
+    from hybridflow_mg.parallel import cpu_shims
 
     cpu_shims.apply_cpu_shims()
     assert torch.cuda.current_device() == torch.device("cpu")

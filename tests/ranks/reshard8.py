@@ -7,8 +7,8 @@ from fractions import Fraction
 import torch
 import torch.distributed as dist
 
-from hybridflow_mg.dist.grid import Grid
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.grid import Grid
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_io import HFSource
 from hybridflow_mg.models.hf_spec import spec_from_hf
 from hybridflow_mg.models.rowmaps import take_shard, to_canonical

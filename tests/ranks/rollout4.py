@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 from tests.multirank import rank_check
 from tests.ranks import rollout_common as common
 

@@ -17,7 +17,7 @@ import tempfile
 import torch
 import torch.distributed as dist
 
-from hybridflow_mg.dist.layout import ParallelLayout
+from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.layouts import rules_for
 from hybridflow_mg.models.rowmaps import shard_index
 from hybridflow_mg.rollout.config import RolloutConfig

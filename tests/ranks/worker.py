@@ -16,7 +16,7 @@ from pathlib import Path
 def main(module_name: str, out_dir: str) -> int:
     import torch.distributed as dist
 
-    from hybridflow_mg.dist.launch import init_distributed
+    from hybridflow_mg.parallel.launch import init_distributed
     from tests.multirank import _CHECKS
 
     # A check that fails on one rank leaves the others waiting in a collective: the timeout turns

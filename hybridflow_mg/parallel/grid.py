@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from hybridflow_mg.dist.layout import GenCoord, ParallelLayout, TrainCoord
+from hybridflow_mg.parallel.layout import GenCoord, ParallelLayout, TrainCoord
 
 
 def _live_groups() -> set:
@@ -70,7 +70,7 @@ class Grid:
         from megatron.core import parallel_state as mpu
 
         if not dist.is_initialized():
-            raise RuntimeError("start torch.distributed first (hybridflow_mg.dist.launch.init_distributed)")
+            raise RuntimeError("start torch.distributed first (hybridflow_mg.parallel.launch.init_distributed)")
         if dist.get_world_size() != layout.world:
             raise ValueError(f"the layout plans {layout.world} ranks but {dist.get_world_size()} were launched; "
                              f"launch {layout.world} processes or change the layout")
@@ -79,7 +79,7 @@ class Grid:
         grid = cls(layout=layout, rank=rank, device=device, backend=dist.get_backend())
 
         if device.type == "cpu":
-            from hybridflow_mg.dist.cpu_shims import apply_cpu_shims
+            from hybridflow_mg.parallel.cpu_shims import apply_cpu_shims
 
             apply_cpu_shims()
         if mpu.model_parallel_is_initialized():
@@ -95,7 +95,7 @@ class Grid:
         grid.dp_group = mpu.get_data_parallel_group()
         grid.model_parallel_group = mpu.get_model_parallel_group()
         grid._check_megatron_matches_plan()
-        from hybridflow_mg.dist.cpu_shims import seed_model_parallel
+        from hybridflow_mg.parallel.cpu_shims import seed_model_parallel
 
         seed_model_parallel(seed, grid.train.tp)
 
