@@ -104,7 +104,7 @@ def test_dispatch_by_data_source_defaults_and_overrides(tmp_path):
     truths = ["4", "4", '{"target": 6, "numbers": [2, 3]}', "64", "4"]
     sources = ["openai/gsm8k", "lighteval/MATH", "countdown", "synthetic/arithmetic", "GSM8K-test"]
     assert score_batch(fn, sols, truths, sources) == [1.0, 1.0, 1.0, 1.0, 0.1]
-    with pytest.raises(ValueError, match="no reward function for data_source 'mystery'.*rewards.by_data_source"):
+    with pytest.raises(ValueError, match="no reward function for data_source 'mystery'.*reward.by_data_source"):
         fn("x", "y", data_source="mystery")
 
     path = _write(tmp_path, "rules.py", "def always(s, g, **kw):\n    return 0.5\n")

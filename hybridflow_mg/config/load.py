@@ -5,7 +5,8 @@ A config is a tree of keyword-only dataclasses (see `schema.py`). This module is
 * `build(cls, mapping)` turns nested dicts into that tree, coercing scalars to the field types and
   rejecting unknown keys with the closest valid dotted key named;
 * `load_config(cls, path, overrides)` reads a YAML preset (which may name a `base:` preset to start
-  from) and applies `a.b.c=value` overrides on top;
+  from), applies `a.b.c=value` overrides on top, and imports the modules of `run.imports` before
+  the registry names are validated;
 * `dump_config(cfg, path)` writes the resolved tree, so every run directory records exactly what ran.
 
 Every user mistake raises `ConfigError` (a ValueError) with one line that names the key.
@@ -232,9 +233,15 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> T:
-    """The resolved config: preset file (optional), then overrides, then types and validation."""
-    data = read_yaml(path) if path is not None else {}
-    return build(cls, apply_overrides(cls, data, overrides))
+    """The resolved config: preset file (optional), then overrides, then the user modules named in
+    `run.imports` (so that what they register is a valid name), then types and validation."""
+    data = apply_overrides(cls, read_yaml(path) if path is not None else {}, overrides)
+    run = data.get("run")
+    if isinstance(run, Mapping) and run.get("imports"):
+        from hybridflow_mg.utils.imports import import_user_modules
+
+        import_user_modules(_coerce(run["imports"], list[str], "run.imports", cls))
+    return build(cls, data)
 
 
 def to_dict(cfg: Any) -> Any:

@@ -85,6 +85,10 @@ class RunConfig:
     """Parent folder of run directories (resolved config, metrics, checkpoints)."""
     seed: int = 1234
     """Seed of every random stream (data order, init, sampling)."""
+    imports: list[str] = field(default_factory=list)
+    """Modules (`my_pkg.my_module`) or Python files (`path/to/file.py`, relative to the working
+    directory) imported on every rank before the config is validated, so that the estimators, losses
+    and rewards they register can be named in YAML and in overrides."""
 
 
 @dataclass(kw_only=True)

@@ -7,16 +7,12 @@ and samples dispatched on their data source.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib
-import importlib.util
 import inspect
-import os
-import sys
 from typing import Any, Mapping, Sequence
 
 from hybridflow_mg.rewards.base import REWARD_FNS, RewardFn
 from hybridflow_mg.rewards.config import RewardConfig
+from hybridflow_mg.utils.imports import import_file, import_module, is_file_spec
 
 DEFAULT_BY_DATA_SOURCE: dict[str, str] = {
     "gsm8k": "gsm8k",
@@ -25,43 +21,6 @@ DEFAULT_BY_DATA_SOURCE: dict[str, str] = {
     "synthetic/arithmetic": "arithmetic",
 }
 """Data-source substring → built-in reward function (verl names: `openai/gsm8k`, `lighteval/MATH`)."""
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-def _import_file(spec: str, path: str):
-    if not os.path.isfile(path):
-        raise ValueError(f"reward function {spec!r}: file {path!r} does not exist (cwd {os.getcwd()!r})")
-    full = os.path.abspath(path)
-    name = "_hybridflow_mg_reward_" + hashlib.sha1(full.encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
-    module_spec = importlib.util.spec_from_file_location(name, full)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"reward function {spec!r}: {path!r} is not a Python file")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module  # before exec, as a normal import does (dataclasses, pickling need it)
-    try:
-        module_spec.loader.exec_module(module)
-    except SyntaxError as e:
-        del sys.modules[name]
-        raise ValueError(f"reward function {spec!r}: {path!r} line {e.lineno} has a syntax error: {e.msg}") from None
-    except Exception as e:
-        del sys.modules[name]
-        raise ValueError(f"reward function {spec!r}: importing {path!r} failed: {_one_line(e)}") from None
-    return module
-
-
-def _import_module(spec: str, dotted: str):
-    try:
-        return importlib.import_module(dotted)
-    except SyntaxError as e:
-        raise ValueError(f"reward function {spec!r}: {e.filename!r} line {e.lineno} has a syntax error: {e.msg}") from None
-    except Exception as e:
-        raise ValueError(f"reward function {spec!r}: importing module {dotted!r} failed: {_one_line(e)}") from None
 
 
 @functools.cache
@@ -75,8 +34,8 @@ def load_fn_by_path(spec: str) -> RewardFn:
     where, colon, attr = spec.rpartition(":")
     if not colon or not where or not attr:
         raise ValueError(f"reward function {spec!r} must look like 'path/to/file.py:fn' or 'package.module:fn'")
-    is_file = where.endswith(".py") or "/" in where or os.sep in where
-    module = _import_file(spec, where) if is_file else _import_module(spec, where)
+    what = f"reward function {spec!r}"
+    module = import_file(where, what=what) if is_file_spec(where) else import_module(where, what=what)
     if not hasattr(module, attr):
         defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
         raise ValueError(
@@ -131,7 +90,7 @@ def weighted_mix(terms: Sequence[tuple[RewardFn, float]]) -> RewardFn:
     return mixed
 
 
-def by_data_source(*tables: Mapping[str, RewardFn], where: str = "rewards.by_data_source") -> RewardFn:
+def by_data_source(*tables: Mapping[str, RewardFn], where: str = "reward.by_data_source") -> RewardFn:
     """One function that picks a reward function by the sample's `data_source`.
 
     Each table maps data-source substrings to functions; tables are consulted in order (user
@@ -151,7 +110,7 @@ def by_data_source(*tables: Mapping[str, RewardFn], where: str = "rewards.by_dat
                 known = ", ".join(dict.fromkeys(k for k, _ in ordered))
                 raise ValueError(
                     f"no reward function for data_source {data_source!r} (known substrings: {known or 'none'}); "
-                    f"map it in {where} or set rewards.fn"
+                    f"map it in {where} or set reward.fn"
                 )
             chosen[data_source] = fn
         return fn(solution, ground_truth, data_source=data_source, extra_info=extra_info)
@@ -168,8 +127,21 @@ def build_reward_fn(cfg: RewardConfig) -> RewardFn:
         return weighted_mix([(bind(t.fn, t.options, format_score=cfg.format_score), t.weight) for t in cfg.mix])
     tables = [cfg.by_data_source, DEFAULT_BY_DATA_SOURCE if cfg.builtin_data_sources else {}]
     if not any(tables):
-        raise ValueError("rewards: no reward function: set rewards.fn, rewards.mix or rewards.by_data_source")
+        raise ValueError("reward: no reward function: set reward.fn, reward.mix or reward.by_data_source")
     return by_data_source(*({k: bind(v, format_score=cfg.format_score) for k, v in t.items()} for t in tables))
+
+
+def reward_needs(cfg: RewardConfig, fn: RewardFn | None = None) -> frozenset[str]:
+    """What the configured reward functions declared they need (keys of `utils.registry.NEEDS`): by
+    `REWARD_FNS.register(name, needs=...)`, or, for a function given by path or passed from Python
+    (`fn`), by a `needs` attribute on the function. The run builds those roles too."""
+    if fn is not None:
+        return frozenset(getattr(fn, "needs", ()))
+    specs = [cfg.fn] if cfg.fn is not None else [t.fn for t in cfg.mix] or [*cfg.by_data_source.values()]
+    needs: set[str] = set()
+    for spec in specs:
+        needs |= set(getattr(load_fn_by_path(spec), "needs", ())) if ":" in spec else REWARD_FNS.needs(spec)
+    return frozenset(needs)
 
 
 def score_batch(
