@@ -16,8 +16,10 @@ from hybridflow_mg.config.load import ConfigError, build
 def test_defaults_build():
     cfg = AlgoConfig()
     assert (cfg.advantage.estimator, cfg.policy_loss.name, cfg.kl.estimator) == ("grpo", "ppo_clip", "k3")
-    assert not cfg.uses_critic and cfg.uses_reference
-    assert AlgoConfig(advantage=AdvantageConfig(estimator="gae")).uses_critic
+    assert cfg.needs == {"ref_logprobs"}  # KL in the loss by default: a reference model, no critic
+    assert AlgoConfig(advantage=AdvantageConfig(estimator="gae")).needs == {"values", "ref_logprobs"}
+    assert AlgoConfig(advantage=AdvantageConfig(estimator="remax"), kl=KLConfig(use_in_loss=False)).needs == \
+        {"greedy_baseline"}
 
 
 @pytest.mark.parametrize("make, key", [
@@ -74,3 +76,15 @@ def test_loads_through_the_project_config_loader():
         build(AlgoConfig, {"policy_loss": {"name": "ppo"}})
     with pytest.raises(ConfigError, match="did you mean 'kl.estimator'"):
         build(AlgoConfig, {"kl": {"estimatr": "k1"}})
+
+
+def test_registry_entries_declare_what_they_need():
+    from hybridflow_mg.algos import ADVANTAGES, POLICY_LOSSES
+    from hybridflow_mg.utils.registry import Registry
+
+    assert ADVANTAGES.needs("gae") == {"values"} and ADVANTAGES.needs("remax") == {"greedy_baseline"}
+    assert ADVANTAGES.needs("grpo") == frozenset() and POLICY_LOSSES.needs("ppo_clip") == frozenset()
+    with pytest.raises(ValueError, match="declares unknown needs \\['critic'\\]; valid: values, ref_logprobs"):
+        Registry("thing").register("x", needs=("critic",))
+    with pytest.raises(ValueError, match="unknown advantage estimator 'grpoo'"):
+        ADVANTAGES.needs("grpoo")

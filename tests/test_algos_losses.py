@@ -180,3 +180,19 @@ def test_unknown_loss_and_estimator_names_list_valid_ones():
         KL_ESTIMATORS.get("k4")
     with pytest.raises(ValueError, match="valid names: adaptive, fixed"):
         KL_CONTROLLERS.get("pid")
+
+
+def test_a_policy_loss_that_declares_needs_gets_them_as_keyword_arguments():
+    if "test_ref_pull" not in POLICY_LOSSES:
+        @POLICY_LOSSES.register("test_ref_pull", needs=("ref_logprobs", "values"))
+        def ref_pull(logprobs, old_logprobs, advantages, mask, cfg, *, ref_logprobs, values):
+            """(log π − log π_ref)² · V per token: reads both declared inputs."""
+            return ((logprobs - ref_logprobs) ** 2 * values) * mask, {}
+
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    logp, ref, values = torch.tensor([[-1.0, -2.0, 0.0]]), torch.tensor([[-1.5, -1.0, 0.0]]), torch.tensor([[2.0, 3.0, 0.0]])
+    cfg = AlgoConfig(policy_loss=PolicyLossConfig(name="test_ref_pull"), kl=KLConfig(use_in_loss=False))
+    loss, _ = actor_loss_mat(logp, logp, torch.zeros(1, 3), mask, cfg, ref_logprobs=ref, values=values)
+    _close(loss, [[0.25 * 2.0, 1.0 * 3.0, 0.0]])
+    with pytest.raises(ValueError, match="policy loss 'test_ref_pull' needs values"):
+        actor_loss_mat(logp, logp, torch.zeros(1, 3), mask, cfg, ref_logprobs=ref)

@@ -1,6 +1,8 @@
 """Advantage estimators: rewards (and values) in, per-token advantages and critic targets out.
 
-Every estimator has one signature, so the loop calls whichever the config names:
+Every estimator has one signature, so the loop calls whichever the config names (an estimator that
+reads `values`, `baseline_scores` or `ref_logprobs` declares it at registration, e.g.
+`@ADVANTAGES.register("gae", needs=("values",))`, and the run then provides it):
 
     advantages, returns = ADVANTAGES.get(cfg.estimator)(inp, cfg)   # both [batch, resp_len]
 
@@ -44,15 +46,19 @@ class AdvantageInput:
     values: torch.Tensor | None = None
     """[batch, resp_len] float: the critic's V(s_t) at rollout time (gae)."""
     baseline_scores: torch.Tensor | None = None
-    """[batch] float: score of the greedy response to the same prompt (remax)."""
+    """[batch] float: score of the greedy response to the same prompt (remax; need `greedy_baseline`)."""
+    ref_logprobs: torch.Tensor | None = None
+    """[batch, resp_len] float: log π_ref of each response token (need `ref_logprobs`)."""
 
     def __post_init__(self):
         shape = tuple(self.token_rewards.shape)
         if len(shape) != 2:
             raise ValueError(f"token_rewards must be [batch, resp_len], got shape {shape}")
         bool_mask(self.response_mask, self.token_rewards)
-        if self.values is not None and tuple(self.values.shape) != shape:
-            raise ValueError(f"values has shape {tuple(self.values.shape)}, expected {shape}")
+        for name in ("values", "ref_logprobs"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
         for name in ("group_index", "baseline_scores"):
             t = getattr(self, name)
             if t is not None and tuple(t.shape) != shape[:1]:
@@ -144,7 +150,7 @@ def _discounted_sum(rewards: torch.Tensor, mask: torch.Tensor, gamma: float, val
     return out
 
 
-@ADVANTAGES.register("gae")
+@ADVANTAGES.register("gae", needs=("values",))
 def gae(inp: AdvantageInput, cfg: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation; returns = raw advantages + values (the critic's target).
 
@@ -209,7 +215,7 @@ def reinforce_plus_plus_baseline(inp: AdvantageInput, cfg: AdvantageConfig) -> t
     return adv, adv.clone()
 
 
-@ADVANTAGES.register("remax")
+@ADVANTAGES.register("remax", needs=("greedy_baseline",))
 def remax(inp: AdvantageInput, cfg: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """ReMax (arXiv 2310.10505): s − score of the greedy response to the same prompt."""
     baseline = inp.require("baseline_scores", "remax")

@@ -196,11 +196,10 @@ class AlgoConfig:
     """Entropy bonus of the actor."""
 
     @property
-    def uses_critic(self) -> bool:
-        """Whether the run trains a critic: only GAE reads values."""
-        return self.advantage.estimator == "gae"
+    def needs(self) -> frozenset[str]:
+        """What this algorithm needs besides the rollouts (keys of `utils.registry.NEEDS`): what its
+        estimator and policy loss declared at registration, plus reference log-probs when KL is used."""
+        import hybridflow_mg.algos as algos  # lazy, as in `_check_name`
 
-    @property
-    def uses_reference(self) -> bool:
-        """Whether the run computes reference log-probs."""
-        return self.kl.enabled
+        needs = algos.ADVANTAGES.needs(self.advantage.estimator) | algos.POLICY_LOSSES.needs(self.policy_loss.name)
+        return needs | {"ref_logprobs"} if self.kl.enabled else needs

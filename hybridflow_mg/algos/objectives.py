@@ -22,11 +22,13 @@ from hybridflow_mg.algos.value import clipped_value_loss, entropy_loss
 
 def actor_loss_mat(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    response_mask: torch.Tensor, cfg: AlgoConfig, *, ref_logprobs: torch.Tensor | None = None,
-                   entropy: torch.Tensor | None = None,
+                   entropy: torch.Tensor | None = None, values: torch.Tensor | None = None,
                    kl_coef: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """policy loss + β · KL (when `cfg.kl.use_in_loss`) − entropy coef · H, per token.
 
     ref_logprobs  [batch, resp_len]  log π_ref(y_t); required when KL is in the loss
+    values        [batch, resp_len]  the critic's values at rollout time; passed on to a policy loss
+                                     that declared it needs them
     entropy       [batch, resp_len]  H(π_θ(· | s_t)), differentiable; required when cfg.entropy.coef > 0
     kl_coef       β from the KL controller; None uses cfg.kl.coef
 
@@ -34,7 +36,8 @@ def actor_loss_mat(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
     per-token matrices (reduce with token-mean for metrics).
     """
     mask = bool_mask(response_mask, logprobs)
-    loss, stats = compute_policy_loss(logprobs, old_logprobs, advantages, response_mask, cfg.policy_loss)
+    loss, stats = compute_policy_loss(logprobs, old_logprobs, advantages, response_mask, cfg.policy_loss,
+                                      ref_logprobs=ref_logprobs, values=values)
     stats["pg_loss"] = loss.detach()
     if cfg.kl.use_in_loss:
         if ref_logprobs is None:

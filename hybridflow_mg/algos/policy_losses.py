@@ -1,6 +1,8 @@
 """Policy (actor) losses: clipped importance-weighted surrogates, per token, before aggregation.
 
-One signature, so the loop calls whichever the config names:
+One signature, so the loop calls whichever the config names (a loss that also reads `ref_logprobs`
+or `values` declares it, `@POLICY_LOSSES.register("name", needs=("ref_logprobs",))`, and gets it as
+a keyword argument; see `compute_policy_loss`):
 
     loss_mat, stats = POLICY_LOSSES.get(cfg.name)(logprobs, old_logprobs, advantages, response_mask, cfg)
 
@@ -130,9 +132,20 @@ def gspo(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.T
 
 
 def compute_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                        response_mask: torch.Tensor, cfg: PolicyLossConfig) -> tuple[torch.Tensor, Stats]:
-    """The loss named by `cfg.name`, applied: (loss_mat [batch, resp_len], stats)."""
-    return POLICY_LOSSES.get(cfg.name)(logprobs, old_logprobs, advantages, response_mask, cfg)
+                        response_mask: torch.Tensor, cfg: PolicyLossConfig,
+                        **available: torch.Tensor | None) -> tuple[torch.Tensor, Stats]:
+    """The loss named by `cfg.name`, applied: (loss_mat [batch, resp_len], stats).
+
+    `available` holds the optional per-token inputs the caller has (`ref_logprobs`, `values`, each
+    [batch, resp_len]); a loss registered with `needs=(...)` gets those it declared as keyword
+    arguments, and a declared one that is missing is a ValueError.
+    """
+    extras = {}
+    for need in POLICY_LOSSES.needs(cfg.name):
+        if available.get(need) is None:
+            raise ValueError(f"policy loss {cfg.name!r} needs {need}, which the caller did not pass")
+        extras[need] = available[need]
+    return POLICY_LOSSES.get(cfg.name)(logprobs, old_logprobs, advantages, response_mask, cfg, **extras)
 
 
 __all__ = ["POLICY_LOSSES", "clip_higher", "compute_policy_loss", "dual_clip", "gspo", "ppo_clip"]

@@ -17,6 +17,7 @@ from hybridflow_mg.rewards.compose import (
     by_data_source,
     load_fn_by_path,
     resolve,
+    reward_needs,
     score_batch,
     weighted_mix,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "by_data_source",
     "load_fn_by_path",
     "resolve",
+    "reward_needs",
     "score_batch",
     "weighted_mix",
     "DynamicSamplingResult",

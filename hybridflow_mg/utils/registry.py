@@ -2,14 +2,30 @@
 
 Advantage estimators, policy losses, KL estimators, reward functions and rollout engines are each
 kept in a `Registry`. A researcher adds one with a decorator in any module that is imported before
-the run starts; the training loop only ever looks things up by the name written in the config.
+the config is validated (name it in `run.imports`); the training loop only ever looks things up by
+the name written in the config.
+
+An entry declares what it needs beyond the rollout itself, and the run builds exactly that:
+
+    @ADVANTAGES.register("my_gae", needs=("values",))      # the run gets a critic
+    @POLICY_LOSSES.register("my_loss", needs=("ref_logprobs",))   # the run gets a reference model
+
+The needs an entry may declare are the keys of `NEEDS`.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
+
+NEEDS: dict[str, str] = {
+    "values": "the critic's V(s_t) of every response token at rollout time (the run builds a critic)",
+    "ref_logprobs": "log π_ref of every response token (the run builds the frozen reference model)",
+    "greedy_baseline": "the score of one greedy response per prompt, sampled each step with the "
+                       "current policy (ReMax's baseline, arXiv 2310.10505)",
+}
+"""What a registry entry may declare it needs, and what the run then provides."""
 
 
 class Registry(Generic[T]):
@@ -21,17 +37,30 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._needs: dict[str, frozenset[str]] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        """Decorator: `@ADVANTAGES.register("grpo")`. Registering a name twice is an error."""
+    def register(self, name: str, *, needs: Iterable[str] = ()) -> Callable[[T], T]:
+        """Decorator: `@ADVANTAGES.register("grpo")`, or `register("gae", needs=("values",))` for an entry
+        that reads inputs the run builds only on request (the keys of `NEEDS`). Registering a name
+        twice, or an unknown need, is a ValueError."""
+        wanted = frozenset(needs)
+        unknown = sorted(wanted - NEEDS.keys())
+        if unknown:
+            raise ValueError(f"{self.kind} {name!r} declares unknown needs {unknown}; valid: {', '.join(NEEDS)}")
 
         def add(obj: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
             self._items[name] = obj
+            self._needs[name] = wanted
             return obj
 
         return add
+
+    def needs(self, name: str) -> frozenset[str]:
+        """What the entry `name` declared it needs (keys of `NEEDS`); unknown names raise like `get`."""
+        self.get(name)
+        return self._needs[name]
 
     def get(self, name: str) -> T:
         """The entry called `name`; an unknown name raises a ValueError listing the valid ones."""
