@@ -89,3 +89,24 @@ def test_prompts_that_do_not_split_over_data_parallel_ranks(setup):
 def test_zero_temperature_is_refused_for_rl(setup):
     _, preset = setup
     _one_line(cli("train", preset, "rollout.temperature=0"), "rollout.temperature must be positive")
+
+
+def test_names_registered_by_run_imports_are_valid_and_a_misspelt_one_gets_the_closest_match(setup):
+    root, preset = setup
+    module = root / "my_estimators.py"
+    module.write_text("from hybridflow_mg.algos import ADVANTAGES\n\n"
+                      "@ADVANTAGES.register('centered_returns', needs=('values',))\n"
+                      "def centered_returns(inp, cfg):\n    return inp.scores(), inp.scores()\n")
+    ok = cli("config", preset, f"run.imports=[{module}]", "algo.advantage.estimator=centered_returns")
+    assert ok.returncode == 0, ok.stderr
+    _one_line(cli("train", preset, f"run.imports=[{module}]", "algo.advantage.estimator=centred_returns"),
+              "unknown advantage estimator 'centred_returns' (did you mean 'centered_returns'?)")
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("no_such_module_xyz", "run.imports[0] = 'no_such_module_xyz': importing module 'no_such_module_xyz' failed"),
+    ("missing_file.py", "run.imports[0] = 'missing_file.py': file 'missing_file.py' does not exist"),
+])
+def test_run_imports_that_do_not_import(setup, spec, message):
+    _, preset = setup
+    _one_line(cli("train", preset, f"run.imports=[{spec}]"), message)

@@ -1,7 +1,8 @@
 """`hybridflow-mg train CONFIG [key=value ...]`: the RL loop, under torchrun / srun / mpirun.
 
-`--nproc N` starts N local processes with torchrun (the CPU quickstart uses 4). The run directory
-(`run.output_dir/run.name`) gets the resolved config, `metrics.jsonl`, and the final actor checkpoint.
+A thin wrapper around `Trainer(config).fit()` (trainer/trainer.py). `--nproc N` starts N local
+processes with torchrun (the CPU quickstart uses 4). The run directory (`run.output_dir/run.name`)
+gets the resolved config, `metrics.jsonl`, and the final actor checkpoint.
 """
 from __future__ import annotations
 
@@ -47,23 +48,7 @@ def run(args) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "hybridflow_mg.cli", "train", args.config, *args.overrides]
         return subprocess.call(cmd)
-    from hybridflow_mg.trainer.loop import train
-    from hybridflow_mg.trainer.setup import build_run
-    from hybridflow_mg.trainer.warm_start import warm_start
-    from hybridflow_mg.trainer.checkpoint import save_actor
+    from hybridflow_mg.trainer.trainer import Trainer
 
-    run_ = build_run(cfg)
-    try:
-        if cfg.actor.warm_start.steps:
-            warm_start(run_)
-        train(run_)
-        if cfg.trainer.save_final:
-            save_actor(run_, run_.run_dir / "checkpoints" / "final")
-        if run_.grid.is_logging_rank:
-            print("\nmean reward per step:\n" + run_.tracker.curve("reward_mean"))
-            if any("val_reward" in r for r in run_.tracker.history):
-                print("\nvalidation reward (greedy):\n" + run_.tracker.curve("val_reward"))
-            print(f"\nmetrics: {run_.run_dir / 'metrics.jsonl'}")
-    finally:
-        run_.close()
+    Trainer(cfg).fit()
     return 0

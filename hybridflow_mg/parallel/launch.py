@@ -182,6 +182,8 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 30, env: Mapp
     import torch.distributed as dist
 
     info = discover(env)
+    if info.launcher == "single" and not (env if env is not None else os.environ).get("MASTER_PORT"):
+        info = replace(info, master_port=free_port())  # a lone process (a notebook) may not own 29500
     device = select_device(info.local_rank)
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -1,5 +1,8 @@
 """The RL batch of one data-parallel rank: sequences for the models, per-response-token tensors for the losses.
 
+`Sequences` holds the tokens; `Experience` adds the per-token quantities the losses read (old
+log-probs, advantages, returns, ...), each a typed field.
+
 Layout. Every sample is `prompt + response`, right-padded into `tokens` [B, L]. Per-token RL
 quantities (log-probs, values, advantages, masks) are [B, T] over *response* positions: column j
 is response token j, predicted by the model at absolute position prompt_len + j − 1. Right padding
@@ -11,7 +14,8 @@ step's global normalizers (algos/aggregation.py), not per-micro-batch means.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -28,8 +32,6 @@ class Sequences:
     """[B] response lengths (≥ 0)."""
     group: torch.Tensor
     """[B] index of each sample's prompt in the global batch (GRPO groups)."""
-    fields: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per-response-token [B, T] tensors (old_logprobs, ref_logprobs, values, advantages, ...)."""
 
     @classmethod
     def build(cls, prompts: list[list[int]], responses: list[list[int]], group: list[int]) -> "Sequences":
@@ -64,13 +66,51 @@ class Sequences:
         return pos.clamp(0, self.tokens.size(1) - 1)
 
     def select(self, rows: list[int] | torch.Tensor) -> "Sequences":
-        """The sub-batch of `rows`, trimmed to its own longest sequence and response."""
+        """The sub-batch of `rows`, trimmed to its own longest sequence."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         prompt, resp = self.prompt_lens[rows], self.response_lens[rows]
         length = int((prompt + resp).max()) if len(rows) else 1
-        width = int(resp.max()) if len(rows) else 0
         return Sequences(tokens=self.tokens[rows, :length], prompt_lens=prompt, response_lens=resp,
-                         group=self.group[rows], fields={k: v[rows, :width] for k, v in self.fields.items()})
+                         group=self.group[rows])
+
+
+@dataclass
+class Experience(Sequences):
+    """This rank's samples of one step with everything the actor and critic losses read: PPO's
+    "experience". Per-token tensors are [B, T] fp32 over response positions (T = `resp_len`), 0 on
+    padding; `select` keeps them aligned with the sequences when the worker cuts micro-batches."""
+
+    old_logprobs: torch.Tensor
+    """[B, T] fp32 log π_old(y_t): the actor's log-probs of the sampled tokens before the update."""
+    advantages: torch.Tensor
+    """[B, T] fp32 advantage of every response token."""
+    returns: torch.Tensor
+    """[B, T] fp32 the critic's regression target (gae); the advantages for outcome estimators."""
+    loss_mask: torch.Tensor
+    """[B, T] fp32 1 on the tokens that enter the losses: the response mask, minus the groups DAPO's
+    dynamic sampling dropped."""
+    ref_logprobs: torch.Tensor | None = None
+    """[B, T] fp32 log π_ref(y_t), when the run has a reference model."""
+    values: torch.Tensor | None = None
+    """[B, T] fp32 the critic's V(s_t) at rollout time, when the run has a critic."""
+
+    @classmethod
+    def of(cls, seqs: Sequences, **per_token: torch.Tensor | None) -> "Experience":
+        """`seqs` with the per-token tensors `per_token` (the fields above) attached."""
+        return cls(**{f.name: getattr(seqs, f.name) for f in dataclasses.fields(Sequences)}, **per_token)
+
+    def select(self, rows: list[int] | torch.Tensor) -> "Experience":
+        """The sub-batch of `rows`, sequences trimmed to their longest, per-token tensors to their
+        longest response."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        seqs = super().select(rows)
+        width = seqs.resp_len
+        per_token = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if f.name not in _SEQUENCE_FIELDS}
+        return Experience.of(seqs, **{k: None if v is None else v[rows, :width] for k, v in per_token.items()})
+
+
+_SEQUENCE_FIELDS = frozenset(f.name for f in dataclasses.fields(Sequences))
 
 
 def micro_batches(seqs: Sequences, token_budget: int) -> list[list[int]]:

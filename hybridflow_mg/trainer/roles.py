@@ -11,7 +11,7 @@ import torch
 
 from hybridflow_mg.algos import aggregate
 from hybridflow_mg.algos.objectives import actor_loss_mat, critic_loss_mat
-from hybridflow_mg.trainer.batch import Sequences
+from hybridflow_mg.trainer.batch import Experience, Sequences
 from hybridflow_mg.trainer.logits import logprobs_and_entropy, token_logprobs
 
 
@@ -19,6 +19,10 @@ def _at_responses(output: torch.Tensor, mb: Sequences) -> torch.Tensor:
     """[mb, T, ·] the output rows that predict each response token."""
     pos = mb.response_positions(mb.resp_len).to(output.device)
     return output.gather(1, pos.unsqueeze(-1).expand(-1, -1, output.size(-1)))
+
+
+def _on(device, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if t is None else t.to(device) for t in tensors)
 
 
 def actor_head(grid, *, temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = True):
@@ -54,12 +58,12 @@ def actor_loss(grid, algo, *, num_tokens: float, num_seqs: float, kl_coef: float
 
     head = actor_head(grid, temperature=temperature, with_entropy=True, entropy_grad=need_entropy)
 
-    def loss(logits, mb):
+    def loss(logits, mb: Experience):
         out = head(logits, mb)
-        mask = mb.fields.get("loss_mask", mb.response_mask).to(logits.device)
-        f = {k: v.to(logits.device) for k, v in mb.fields.items()}
-        loss_mat, stats = actor_loss_mat(out["logprobs"], f["old_logprobs"], f["advantages"], mask, algo,
-                                         ref_logprobs=f.get("ref_logprobs"), kl_coef=kl_coef, entropy=out["entropy"])
+        mask, old, adv, ref, values = _on(logits.device, mb.loss_mask, mb.old_logprobs, mb.advantages,
+                                          mb.ref_logprobs, mb.values)
+        loss_mat, stats = actor_loss_mat(out["logprobs"], old, adv, mask, algo, ref_logprobs=ref, values=values,
+                                         kl_coef=kl_coef, entropy=out["entropy"])
         value = aggregate(loss_mat, mask, algo.policy_loss.agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
         sums = {k: (v * mask).sum() for k, v in stats.items() if v.shape == mask.shape}
         sums["tokens"] = mask.sum()
@@ -69,11 +73,10 @@ def actor_loss(grid, algo, *, num_tokens: float, num_seqs: float, kl_coef: float
 
 def critic_loss(algo, *, num_tokens: float, num_seqs: float):
     """The critic's clipped value loss per micro-batch, aggregated with the step's global counts."""
-    def loss(values, mb):
+    def loss(values, mb: Experience):
         values = _at_responses(values, mb)[..., 0]
-        mask = mb.fields.get("loss_mask", mb.response_mask).to(values.device)
-        f = {k: v.to(values.device) for k, v in mb.fields.items()}
-        loss_mat, stats = critic_loss_mat(values, f["values"], f["returns"], mask, algo.value_loss)
+        mask, old_values, returns = _on(values.device, mb.loss_mask, mb.values, mb.returns)
+        loss_mat, stats = critic_loss_mat(values, old_values, returns, mask, algo.value_loss)
         value = aggregate(loss_mat, mask, algo.value_loss.agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
         sums = {k: (v * mask).sum() for k, v in stats.items() if v.shape == mask.shape}
         sums["tokens"] = mask.sum()

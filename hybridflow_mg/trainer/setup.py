@@ -21,7 +21,7 @@ from hybridflow_mg.metrics.tracker import Tracker
 from hybridflow_mg.models.build import build_model
 from hybridflow_mg.models.hf_io import HFSource, load_into_model
 from hybridflow_mg.models.hf_spec import ModelSpec, read_hf_config, spec_from_hf
-from hybridflow_mg.rewards import build_reward_fn
+from hybridflow_mg.rewards import RewardFn, build_reward_fn, reward_needs
 from hybridflow_mg.rollout.config import Sampling
 from hybridflow_mg.rollout.hybrid_engine import HybridEngine
 from hybridflow_mg.rollout.vllm_engine import VLLMEngine
@@ -48,9 +48,12 @@ class Run:
     reward_model: ModelWorker | None
     engine: VLLMEngine
     hybrid: HybridEngine
-    reward_fn: object
+    reward_fn: RewardFn
     kl_controller: object
     sampling: Sampling
+    needs: frozenset[str]
+    """What the algorithm and the rewards declared they need (`utils.registry.NEEDS`); the roles above
+    were built for exactly these."""
 
     def close(self) -> None:
         self.tracker.close()
@@ -74,7 +77,18 @@ def check_batch_split(cfg: TrainConfig, dp: int) -> None:
                          f"size {dp}, with at least actor/critic mini_batches prompts per rank")
 
 
-def build_run(cfg: TrainConfig) -> Run:
+def run_needs(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> frozenset[str]:
+    """What the run must provide: the algorithm's needs and the reward functions' (see `Run.needs`)."""
+    return cfg.algo.needs | reward_needs(cfg.reward, reward_fn)
+
+
+def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
+    """Everything one run needs, built in dependency order on every rank (collective).
+
+    `reward_fn` (a Python callable with the `RewardFn` signature) replaces the config's `reward`
+    section; every rank must pass an equal one.
+    """
+    needs = run_needs(cfg, reward_fn)
     info, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
     t, g = cfg.parallel.train, cfg.parallel.gen
     layout = ParallelLayout.create(world=info.world_size, tp=t.tp, pp=t.pp, vpp=t.vpp, dp=t.dp, gen_tp=g.tp,
@@ -110,10 +124,10 @@ def build_run(cfg: TrainConfig) -> Run:
     actor_chunks, naming = _load(grid, spec, cfg.model.path, "actor", cfg)
     actor = ModelWorker(grid, actor_chunks, optim=cfg.actor.optim, name="actor")
     ref = None
-    if cfg.algo.uses_reference:
+    if "ref_logprobs" in needs:
         ref = ModelWorker(grid, _load(grid, spec, cfg.model.path, "ref", cfg)[0], name="ref")
     critic = None
-    if cfg.algo.uses_critic:
+    if "values" in needs:
         path = cfg.model.critic_path or cfg.model.path
         critic_spec = spec_from_hf(read_hf_config(path), head="value", vocab_divisor=cfg.model.vocab_divisor)
         skip = () if cfg.model.critic_path else ("value_head",)  # from the actor: trunk loaded, head starts at 0
@@ -132,5 +146,5 @@ def build_run(cfg: TrainConfig) -> Run:
     sampling = cfg.rollout.sampling(stop_token_ids=stop)
     return Run(cfg=cfg, grid=grid, run_dir=out, tracker=tracker, tokenizer=tokenizer, train_batches=train_batches,
                val_batches=val_batches, spec=spec, naming=naming, actor=actor, ref=ref, critic=critic, reward_model=reward_model,
-               engine=engine, hybrid=hybrid, reward_fn=build_reward_fn(cfg.reward),
-               kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling)
+               engine=engine, hybrid=hybrid, reward_fn=reward_fn or build_reward_fn(cfg.reward),
+               kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling, needs=needs)

@@ -17,7 +17,7 @@ from hybridflow_mg.models.build import build_model
 from hybridflow_mg.models.hf_io import HFSource, load_into_model
 from hybridflow_mg.models.hf_spec import spec_from_hf
 from hybridflow_mg.rollout.hybrid_engine import dp_slice
-from hybridflow_mg.trainer.batch import Sequences
+from hybridflow_mg.trainer.batch import Experience, Sequences
 from hybridflow_mg.trainer.config import OptimConfig
 from hybridflow_mg.trainer.roles import actor_loss
 from hybridflow_mg.trainer.workers import ModelWorker
@@ -27,16 +27,16 @@ from tests.tiny import llama_config, on_rank0_then_barrier, save_random_hf, shar
 CONFIG = llama_config(num_hidden_layers=2, vocab_size=256)
 
 
-def fixed_batch() -> Sequences:
+def fixed_batch() -> Experience:
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(1, 256, (int(n),), generator=g).tolist() for n in torch.randint(2, 6, (8,), generator=g)]
     responses = [torch.randint(1, 256, (int(n),), generator=g).tolist() for n in torch.randint(1, 7, (8,), generator=g)]
     seqs = Sequences.build(prompts, responses, group=[i // 2 for i in range(8)])
     mask = seqs.response_mask
-    seqs.fields["old_logprobs"] = (-5.5 + 0.3 * torch.randn(mask.shape, generator=g)) * mask
-    seqs.fields["ref_logprobs"] = (-5.5 + 0.3 * torch.randn(mask.shape, generator=g)) * mask
-    seqs.fields["advantages"] = torch.randn(mask.shape, generator=g) * mask
-    return seqs
+    old = (-5.5 + 0.3 * torch.randn(mask.shape, generator=g)) * mask
+    ref = (-5.5 + 0.3 * torch.randn(mask.shape, generator=g)) * mask
+    adv = torch.randn(mask.shape, generator=g) * mask
+    return Experience.of(seqs, old_logprobs=old, ref_logprobs=ref, advantages=adv, returns=adv, loss_mask=mask)
 
 
 def update(tp: int, pp: int, world: int) -> dict:
@@ -78,12 +78,12 @@ def update_moves_towards_the_advantage() -> None:
         worker = ModelWorker(grid, chunks, optim=OptimConfig(lr=1e-3, clip_grad=1e6), name="actor")
         seqs = fixed_batch()
         before = worker.forward(seqs, actor_head(grid), names=("logprobs",), token_budget=64)["logprobs"]
-        seqs.fields["old_logprobs"] = before
+        seqs.old_logprobs = before
         mask = seqs.response_mask
         algo = AlgoConfig()
         worker.train(seqs, actor_loss(grid, algo, num_tokens=float(mask.sum()), num_seqs=8.0, kl_coef=0.0), token_budget=24)
         after = worker.forward(seqs, actor_head(grid), names=("logprobs",), token_budget=64)["logprobs"]
-        gain = float((seqs.fields["advantages"] * (after - before) * mask).sum())
+        gain = float((seqs.advantages * (after - before) * mask).sum())
         assert gain > 0, f"the update moved log-probs against the advantages (Σ A·Δlogπ = {gain})"
     finally:
         grid.destroy()

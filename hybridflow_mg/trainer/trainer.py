@@ -1,0 +1,294 @@
+"""`Trainer`: one object that owns an RL run, from setup to close. The Python API and the CLI's engine.
+
+    from hybridflow_mg import Trainer
+
+    trainer = Trainer.from_yaml("configs/quickstart.yaml", overrides=["trainer.total_steps=20"])
+    trainer.register_evaluator(my_accuracy)       # fn(trainer) -> {metric: value}
+    trainer.fit()                                 # setup, warm start, steps, checkpoints, curves, close
+
+Under a launcher every rank builds the same Trainer (SPMD); without one it runs as a world of one
+process (a notebook). The parts of a run (grid, roles, vLLM engine, resharder, data, rewards,
+trackers) are built by `setup()` into `trainer.run` (a `setup.Run`, which lists them with their
+types); `fit()` is the outer loop (cadence of validation, logging, checkpoints), `train_step()` one
+iteration (`loop.rl_step`). `state_dict()` gathers everything that changes while training, so the
+checkpoint code never needs to know what a role is.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from hybridflow_mg.rewards.base import RewardFn
+from hybridflow_mg.trainer.callbacks import Callback, Evaluator, RegisteredEvaluator, greedy_validation
+from hybridflow_mg.trainer.config import TrainConfig
+
+
+class Trainer:
+    """An RL post-training run (PPO, GRPO, ...) on megatron-core with in-process vLLM rollouts.
+
+    Args:
+        config: the full config (`TrainConfig`); see `from_yaml` to read a preset.
+        reward_fn: a Python reward function, `fn(solution, ground_truth, *, data_source, extra_info) ->
+            float`, used instead of the config's `reward` section; it may carry a `needs` attribute
+            (see `utils.registry.NEEDS`).
+        callbacks: `Callback` objects, called in order on every rank.
+        evaluators: functions `fn(trainer) -> {metric: value}`, registered as by `register_evaluator`.
+
+    Raises ValueError (one line naming the key or file) for bad input; nothing heavy happens before
+    `setup()` (which `fit()` calls), so constructing a Trainer is cheap.
+    """
+
+    def __init__(self, config: TrainConfig, *, reward_fn: RewardFn | None = None,
+                 callbacks: Iterable[Callback] = (), evaluators: Iterable[Evaluator] = ()):
+        from hybridflow_mg.utils.imports import import_user_modules
+
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"Trainer needs a TrainConfig, got {type(config).__name__}; use Trainer.from_yaml(path)")
+        if reward_fn is not None and not callable(reward_fn):
+            raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
+        import_user_modules(config.run.imports)  # no-op when load_config already imported them
+        self.config = config
+        self.reward_fn = reward_fn
+        self.callbacks: list[Callback] = list(callbacks)
+        self.evaluators: list[RegisteredEvaluator] = []
+        for fn in evaluators:
+            self.register_evaluator(fn)
+        self.run = None
+        """The run's parts (`setup.Run`), once `setup()` has run; None before and after `close()`."""
+        self.step = 0
+        """RL steps completed."""
+        self.metrics: dict[str, float] = {}
+        """The last step's metrics."""
+        self._vllm_step: int | None = None  # the actor of which step vLLM holds (None: not synced)
+        self._generating = False  # inside a step's generation phase (weights synced, KV cache awake)
+        self._closed = False
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = (), **kwargs: Any) -> "Trainer":
+        """A Trainer from a YAML preset and `section.key=value` overrides (the modules of `run.imports`
+        are imported before the names are checked); `kwargs` go to the constructor."""
+        from hybridflow_mg.config.load import load_config
+
+        return cls(load_config(TrainConfig, path, list(overrides)), **kwargs)
+
+    # --- hooks ---------------------------------------------------------------------------------------------
+    def register_evaluator(self, fn: Evaluator, *, name: str | None = None, every: int | None = None) -> Evaluator:
+        """Run `fn(trainer) -> {metric: value}` before step 1 and every `every` steps (default
+        `trainer.val_every`), with the policy before that step's update. Its metrics are logged with the
+        step's; a metric name another evaluator or the step already uses is an error. Returns `fn`, so
+        this works as a decorator."""
+        if not callable(fn):
+            raise TypeError(f"an evaluator must be callable, got {type(fn).__name__}")
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+            raise ValueError(f"every must be an integer ≥ 0 (0 = never), got {every!r}")
+        self.evaluators.append(RegisteredEvaluator(name or getattr(fn, "__name__", repr(fn)), fn, every))
+        return fn
+
+    def add_callback(self, callback: Callback) -> Callback:
+        self.callbacks.append(callback)
+        return callback
+
+    def _call(self, hook: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(*args)
+
+    # --- the run -------------------------------------------------------------------------------------------
+    def setup(self):
+        """Build the run's parts on every rank (collective); idempotent. Returns `self.run`."""
+        if self._closed:
+            raise RuntimeError("this Trainer was closed; build a new one")
+        if self.run is None:
+            from hybridflow_mg.trainer.setup import build_run
+
+            self.run = build_run(self.config, reward_fn=self.reward_fn)
+            self.config = self.run.cfg  # with the synthetic run's paths filled in
+            if self.run.val_batches is not None:
+                self.evaluators.insert(0, RegisteredEvaluator("validation", greedy_validation, None))
+        return self.run
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Whether this rank writes metrics and prints (global rank 0)."""
+        return self.setup().grid.is_logging_rank
+
+    def fit(self) -> dict[str, float]:
+        """Everything `hybridflow-mg train` does: setup, warm start (when configured), RL steps with
+        validation and checkpoints, the final save, the printed curves, close. Returns the last step's
+        metrics."""
+        run = self.setup()
+        cfg = self.config
+        try:
+            self._call("on_train_start", self)
+            if cfg.actor.warm_start.steps and self.step == 0:
+                from hybridflow_mg.trainer.warm_start import warm_start
+
+                warm_start(run)
+            while self.step < cfg.trainer.total_steps:
+                self.train_step()
+            if cfg.trainer.save_final:
+                self.save_checkpoint(run.run_dir / "checkpoints" / "final")
+            if self.is_logging_rank:
+                print("\nmean reward per step:\n" + run.tracker.curve("reward_mean"))
+                if any("val_reward" in r for r in run.tracker.history):
+                    print("\nvalidation reward (greedy):\n" + run.tracker.curve("val_reward"))
+                print(f"\nmetrics: {run.run_dir / 'metrics.jsonl'}")
+            self._call("on_train_end", self)
+        finally:
+            self.close()
+        return self.metrics
+
+    def train_step(self) -> dict[str, float]:
+        """One RL step (validation first when due), logged, with callbacks and the periodic checkpoint."""
+        from hybridflow_mg.trainer.loop import rl_step
+
+        run, cfg = self.setup(), self.config
+        step = self.step + 1
+        due = [e for e in self.evaluators if e.due(step, cfg.trainer.val_every)]
+        evaluate = (lambda: self._evaluate(step, due)) if due else None
+        self._vllm_step = self.step  # rl_step starts with the reshard
+        metrics = rl_step(run, next(run.train_batches), step, evaluate=evaluate)
+        self.step, self.metrics = step, metrics
+        run.tracker.log(step, metrics)
+        self._call("on_step_end", step, metrics)
+        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
+            self.save_checkpoint(run.run_dir / "checkpoints" / f"step_{step}")
+        return metrics
+
+    def _evaluate(self, step: int, evaluators: list[RegisteredEvaluator]) -> dict[str, float]:
+        """Run `evaluators` inside the step's generation phase; their metrics, checked for clashes."""
+        self._generating = True
+        try:
+            metrics: dict[str, float] = {}
+            for e in evaluators:
+                for key, value in e(self).items():
+                    if key in metrics:
+                        raise ValueError(f"evaluator {e.name!r} returned {key!r}, which another evaluator "
+                                         "already reported; give your metrics distinct names")
+                    metrics[key] = value
+        finally:
+            self._generating = False
+        self._call("on_validation", step, metrics)
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        """Run every registered evaluator now, with the current policy; returns their metrics (not logged)."""
+        return self._evaluate(self.step, self.evaluators)
+
+    # --- tools for evaluators ------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Any], *, n: int = 1, temperature: float = 0.0,
+                 max_new_tokens: int | None = None, seed: int | None = None) -> list[list[str]]:
+        """`n` responses to each prompt from the current policy, as text (EOS removed), on every rank.
+
+        A prompt is text (encoded as the training prompts are, `data.text_prompts_as_chat` included),
+        a list of chat messages, or a list of token ids. Greedy by default; `max_new_tokens` defaults to
+        `rollout.max_new_tokens`, `seed` to `rollout.seed`. Collective: every rank must call it with the
+        same arguments. Raises ValueError for a prompt that cannot be encoded or is longer than
+        `data.max_prompt_length`.
+        """
+        from hybridflow_mg.data.datasets import encode_prompt
+        from hybridflow_mg.trainer.stages import decode_response
+
+        run, cfg = self.setup(), self.config
+        ids = []
+        for i, prompt in enumerate(prompts):
+            try:
+                ids.append(encode_prompt(run.tokenizer, prompt, text_as_chat=cfg.data.text_prompts_as_chat))
+            except ValueError as e:
+                raise ValueError(f"generate: prompt {i}: {e}") from None
+            if len(ids[-1]) > cfg.data.max_prompt_length:
+                raise ValueError(f"generate: prompt {i} has {len(ids[-1])} tokens, more than data.max_prompt_length="
+                                 f"{cfg.data.max_prompt_length}")
+        sampling = run.engine.config.sampling(
+            n=n, temperature=temperature, max_new_tokens=max_new_tokens or run.sampling.max_new_tokens,
+            stop_token_ids=run.sampling.stop_token_ids, **({} if seed is None else {"seed": seed}))
+        with self._generation_phase():
+            completions = run.hybrid.generate(ids, sampling, whole_batch=True) if ids else []
+        return [[decode_response(run.tokenizer, s.token_ids) for s in c.samples] for c in completions]
+
+    def score(self, responses: Sequence[str], ground_truths: Sequence[Any], data_sources: Sequence[str] | None = None,
+              extra_infos: Sequence[Mapping | None] | None = None) -> list[float]:
+        """The run's reward function applied to each response (no collective)."""
+        from hybridflow_mg.rewards import score_batch
+
+        return score_batch(self.setup().reward_fn, list(responses), list(ground_truths), data_sources, extra_infos)
+
+    def _generation_phase(self):
+        """vLLM ready for generation: inside a step nothing to do; between steps, the actor's current
+        weights resharded into vLLM (once per policy) and the training state offloaded (GPU)."""
+        import contextlib
+
+        from hybridflow_mg.trainer.loop import offloaded
+
+        run = self.setup()
+        if self._generating:
+            return contextlib.nullcontext()
+        if self._vllm_step != self.step:
+            run.hybrid.sync_weights()
+            self._vllm_step = self.step
+        stack = contextlib.ExitStack()
+        stack.enter_context(offloaded(run))
+        stack.enter_context(run.hybrid.generating())
+        return stack
+
+    # --- checkpoints and state -----------------------------------------------------------------------------
+    def save_checkpoint(self, path: str | os.PathLike) -> Path:
+        """Save the actor as a Megatron checkpoint at `path` (collective; exportable to HF)."""
+        from hybridflow_mg.trainer.checkpoint import save_actor
+
+        out = save_actor(self.setup(), Path(path))
+        self._call("on_checkpoint", self.step, out)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's training state: step, data position, KL controller, every RNG, the actor's and
+        critic's weights and optimizer states (this rank's shards; tensors are references, as torch's
+        `state_dict` gives them), and the state of callbacks that have one. The reference model and
+        the reward model are frozen and rebuilt from their sources."""
+        from hybridflow_mg.trainer.state import rng_state, worker_state
+
+        run = self.setup()
+        state: dict[str, Any] = {"step": self.step, "data": run.train_batches.state_dict(),
+                                 "kl_controller": run.kl_controller.state_dict(), "rng": rng_state(),
+                                 "actor": worker_state(run.actor)}
+        if run.critic is not None:
+            state["critic"] = worker_state(run.critic)
+        callbacks = {i: cb.state_dict() for i, cb in enumerate(self.callbacks) if hasattr(cb, "state_dict")}
+        if callbacks:
+            state["callbacks"] = callbacks
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what `state_dict` returned (on the same layout); vLLM is resynced before it generates."""
+        from hybridflow_mg.trainer.state import load_worker_state, set_rng_state
+
+        run = self.setup()
+        if ("critic" in state) != (run.critic is not None):
+            raise ValueError("the state was saved by a run " + ("with" if "critic" in state else "without") +
+                             " a critic, and this run's algorithm " + ("does not" if "critic" in state else "does") +
+                             " train one")
+        self.step = int(state["step"])
+        run.train_batches.load_state_dict(state["data"])
+        run.kl_controller.load_state_dict(state["kl_controller"])
+        load_worker_state(run.actor, state["actor"])
+        if run.critic is not None:
+            load_worker_state(run.critic, state["critic"])
+        for i, cb_state in state.get("callbacks", {}).items():
+            self.callbacks[int(i)].load_state_dict(cb_state)
+        set_rng_state(state["rng"])
+        self._vllm_step = None
+
+    def close(self) -> None:
+        """Release the vLLM engine, the process groups and the trackers (idempotent)."""
+        if self.run is not None:
+            self.run.close()
+        self.run, self._closed = None, True
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["Trainer"]
