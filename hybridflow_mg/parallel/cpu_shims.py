@@ -28,6 +28,11 @@ that no longer hard-codes CUDA simply never reaches the shim: every shim is harm
    (models/common/language_module/language_module.py) moves the last stage's copy of the word
    embeddings with `weight.data.cuda()` before all-reducing it with the first stage.
    → in a process that has no CUDA, `Tensor.cuda()` returns the tensor itself (it would raise).
+6. `torch.cuda.current_stream()`: megatron-core 0.19 (distributed/param_and_grad_buffer.py,
+   `_ParamAndGradBucketGroup.start_grad_sync`) asks for the current stream at every gradient sync to
+   wait on CUDA-graph events; 0.16.1 has no such call on our paths.
+   → in a process that has no CUDA, it returns a stream whose waits do nothing (CPU work is
+   synchronous); vLLM's CPU worker installs the same kind of placeholder (vllm/v1/worker/cpu/shm.py).
 """
 from __future__ import annotations
 
@@ -79,6 +84,28 @@ def _no_synchronize(*_args, **_kwargs):
 
 def _tensor_stays_on_cpu(self, *_args, **_kwargs):
     return self
+
+
+class _CpuStream:
+    """Shim 6: the "current stream" of a process without CUDA; waiting on it or for it does nothing."""
+
+    device = torch.device("cpu")
+
+    def wait_event(self, *_args, **_kwargs):
+        return None
+
+    def wait_stream(self, *_args, **_kwargs):
+        return None
+
+    def synchronize(self):
+        return None
+
+    def query(self):
+        return True
+
+
+def _cpu_current_stream(*_args, **_kwargs):
+    return _CpuStream()
 
 
 class CpuTorchView(types.ModuleType):
@@ -163,6 +190,7 @@ def apply_cpu_shims() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = _no_synchronize
+    torch.cuda.current_stream = _cpu_current_stream
     torch.Tensor.cuda = _tensor_stays_on_cpu
     view = CpuTorchView()
     for name in _MODULES:
