@@ -1,31 +1,44 @@
-"""GPU check and benchmark of the reshard scatter (hybridflow_mg/reshard/kernels.py).
+"""GPU check 2 and benchmark of the reshard scatter (hybridflow_mg/reshard/kernels.py, csrc/).
 
 For realistic copy maps (a Llama-3.2-1B-sized model regrouped from Megatron TP=t shards, gathered in
 one bucket, into vLLM TP=t_g parameters: QKV head regroup, gate/up interleave, row-parallel column
 merges, vocab row concatenation), checks the kernel against the torch path BITWISE (vector and scalar
-tiles, casts included), then times the kernel, the torch path and a plain device-to-device copy of
-the same number of bytes (CUDA events, warm-up, median). Prints a table and writes JSON.
+tiles, casts included, NaN/inf/subnormal/rounding-tie inputs, destinations pre-filled with such values),
+checks that the map writes every destination element, then times the kernel, the torch path and a
+plain device-to-device copy of the same number of bytes (CUDA events, warm-up, median). Prints a table
+and writes JSON.
 
     python benchmarks/kernels_gpu.py [--out PATH] [--iters 30] [--tile-elems 16384 ...]
 
-Exit status 1 when there is no GPU, the extension does not build, or any check is not bitwise equal.
+Build: `load_extension` (torch.utils.cpp_extension + ninja) for the device's own arch
+(TORCH_CUDA_ARCH_LIST defaults to it, e.g. "9.0" -> sm_90 on H100/H200). If that build fails (e.g. no
+Python headers on the machine), the same csrc/reshard_kernels.cu is built with nvcc alone into a shared
+library and called through its C ABI (reshard_kernels.h) with ctypes: same kernel, no torch binding.
+
+Exit status 0 all bitwise equal, 1 a mismatch or an error, 2 no GPU.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import json
 import math
+import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script sits in
-from hybridflow_mg.reshard.kernels import DEFAULT_TILE_ELEMS, CopyProgram, load_extension  # noqa: E402
+from hybridflow_mg.reshard import kernels  # noqa: E402
+from hybridflow_mg.reshard.kernels import DEFAULT_TILE_ELEMS, DTYPE_CODES, CopyProgram, load_extension  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -181,6 +194,7 @@ def bench(sc: Scenario, tile_elems: int, args, gen: torch.Generator) -> dict:
     torch.cuda.synchronize()
     equal = all(torch.equal(bits(a), bits(b)) for a, b in zip(outs["kernel"], outs["torch"]))
     equal_scalar = all(torch.equal(bits(a), bits(b)) for a, b in zip(outs["scalar"], outs["torch"]))
+    covers_all = kernel.num_elements == sum(math.prod(s) for s in shapes)  # blocks never overlap (map's contract)
 
     nbytes = kernel.bytes_per_run
     d2d_src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)  # read + write = nbytes
@@ -198,8 +212,76 @@ def bench(sc: Scenario, tile_elems: int, args, gen: torch.Generator) -> dict:
         "num_copies": kernel.num_copies, "num_blocks": len(kernel.copies), "num_tiles": kernel.num_tiles,
         "num_torch_launches": ref.num_launches, "num_dsts": len(shapes), "elements": kernel.num_elements,
         "bytes_per_run": nbytes, "ms": ms, "gb_per_s": gbs, "kernel_vs_d2d": gbs["kernel"] / gbs["d2d"],
-        "bitwise_equal": equal, "bitwise_equal_scalar": equal_scalar,
+        "bitwise_equal": equal, "bitwise_equal_scalar": equal_scalar, "covers_all_dst_elements": covers_all,
     }
+
+
+class CtypesExtension:
+    """The two entry points `CopyProgram` uses (`launch`, `vec_elems`), over the C ABI of a plain nvcc build."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        lib.hfmg_reshard_launch.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                            ctypes.c_void_p]
+        lib.hfmg_reshard_launch.restype = ctypes.c_int
+        lib.hfmg_reshard_vec_elems.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.hfmg_reshard_vec_elems.restype = ctypes.c_int
+        lib.hfmg_reshard_error_string.argtypes = [ctypes.c_int]
+        lib.hfmg_reshard_error_string.restype = ctypes.c_char_p
+        self.lib = lib
+
+    def vec_elems(self, src_dtype: int, dst_dtype: int) -> int:
+        return self.lib.hfmg_reshard_vec_elems(src_dtype, dst_dtype)
+
+    def launch(self, src, tiles, dst_ptrs, dst_dtype, allow_vec, stream) -> None:
+        rc = self.lib.hfmg_reshard_launch(src.data_ptr(), DTYPE_CODES[src.dtype], int(dst_dtype), dst_ptrs.data_ptr(),
+                                          tiles.data_ptr(), tiles.size(0), int(bool(allow_vec)), src.get_device(),
+                                          stream)
+        if rc:
+            raise RuntimeError(f"reshard kernel launch failed: {self.lib.hfmg_reshard_error_string(rc).decode()} "
+                               f"(code {rc})")
+
+
+def build_kernel() -> dict:
+    """Build and load the kernel; returns how (the record goes into the JSON). Raises when both ways fail."""
+    major, minor = torch.cuda.get_device_capability()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", f"{major}.{minor}")
+    record = {"arch_list": os.environ["TORCH_CUDA_ARCH_LIST"]}
+    start = time.perf_counter()
+    try:
+        ext = load_extension()
+        record.update(how="torch.utils.cpp_extension", seconds=time.perf_counter() - start, library=ext.__file__)
+        return record
+    except RuntimeError as exc:
+        record["cpp_extension_error"] = str(exc)
+        print(f"cpp_extension build failed, falling back to nvcc + ctypes: {exc}")
+    nvcc = shutil.which("nvcc") or str(Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+    csrc = Path(kernels.__file__).resolve().parents[2] / "csrc"
+    out_dir = Path(os.environ.get("XDG_CACHE_HOME") or "/tmp") / "hfmg_reshard_ctypes"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lib = out_dir / "libhfmg_reshard.so"
+    arch = f"{major}{minor}"
+    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+           "-I", str(csrc), "-o", str(lib), str(csrc / "reshard_kernels.cu")]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"nvcc build failed too ({' '.join(cmd)}): {proc.stderr.strip()[-1500:]}")
+    kernels._EXT = CtypesExtension(lib)  # load_extension() now returns it; CopyProgram uses only these two calls
+    record.update(how="nvcc + ctypes (C ABI of csrc/reshard_kernels.h)", seconds=time.perf_counter() - start,
+                  library=str(lib), command=" ".join(cmd))
+    return record
+
+
+def sass_archs(library: str) -> list[str]:
+    """The machine-code targets embedded in the built library (cuobjdump --list-elf), when cuobjdump exists."""
+    tool = shutil.which("cuobjdump")
+    if not tool or not library:
+        return []
+    proc = subprocess.run([tool, "--list-elf", library], capture_output=True, text=True)
+    return sorted(set(re.findall(r"sm_\d+a?", proc.stdout)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,43 +293,61 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile-elems", type=int, nargs="+", default=[DEFAULT_TILE_ELEMS])
     parser.add_argument("--scenarios", nargs="+", default=None, help="names to run (default all)")
     args = parser.parse_args(argv)
-    if torch.version.cuda is None or not torch.cuda.is_available():
-        sys.exit(f"kernels_gpu.py needs a CUDA GPU (torch {torch.__version__}, cuda available: "
-                 f"{torch.cuda.is_available()}); run it on the H100/H200 machine")
-    try:
-        load_extension()
-    except RuntimeError as exc:
-        sys.exit(str(exc))
-
-    device = torch.cuda.get_device_name()
     today = dt.date.today().isoformat()
+    report = {"check": "kernels_gpu: reshard scatter kernel vs torch path vs device-to-device copy",
+              "date": dt.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+              "cuda": torch.version.cuda, "status": "running"}
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        print(f"kernels_gpu.py needs a CUDA GPU, and none is here (torch {torch.__version__}, cuda available: "
+              f"{torch.cuda.is_available()}); run it on the H100/H200 machine")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({**report, "status": "skipped", "reason": "no GPU"}, indent=2) + "\n")
+        return 2
+    device = torch.cuda.get_device_name()
+    report["device"] = device
     out = args.out or RESULTS / f"kernels_{re.sub(r'[^a-z0-9]+', '_', device.lower()).strip('_')}_{today}.json"
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
-    print(f"{device}  torch {torch.__version__}  CUDA {torch.version.cuda}")
-    print(f"{'scenario':30} {'tile':>6} {'copies':>6} {'tiles':>7} {'GB':>6} {'kernel GB/s':>11} "
-          f"{'scalar':>7} {'torch':>7} {'d2d':>7} {'k/d2d':>6} bitwise")
-    for sc in SCENARIOS:
-        if args.scenarios and sc.name not in args.scenarios:
-            continue
-        for tile_elems in args.tile_elems:
-            r = bench(sc, tile_elems, args, gen)
-            rows.append(r)
-            g = r["gb_per_s"]
-            print(f"{sc.name:30} {tile_elems:6} {r['num_copies']:6} {r['num_tiles']:7} {r['bytes_per_run'] / 1e9:6.2f} "
-                  f"{g['kernel']:11.0f} {g['kernel_scalar']:7.0f} {g['torch']:7.0f} {g['d2d']:7.0f} "
-                  f"{r['kernel_vs_d2d']:6.2f} {r['bitwise_equal'] and r['bitwise_equal_scalar']}")
-            torch.cuda.empty_cache()
-    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": device,
-              "torch": torch.__version__, "cuda": torch.version.cuda,
-              "gb_per_s_means": "(bytes read + bytes written) / median time; d2d copies the same total",
-              "results": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        report["build"] = build_kernel()
+        report["build"]["sass"] = sass_archs(report["build"].get("library", ""))
+        build = report["build"]
+        print(f"built in {build['seconds']:.1f} s via {build['how']}; SASS {build['sass']}")
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        print(f"{device}  torch {torch.__version__}  CUDA {torch.version.cuda}")
+        print(f"{'scenario':30} {'tile':>6} {'copies':>6} {'tiles':>7} {'GB':>6} {'kernel GB/s':>11} "
+              f"{'scalar':>7} {'torch':>7} {'d2d':>7} {'k/d2d':>6} bitwise")
+        for sc in SCENARIOS:
+            if args.scenarios and sc.name not in args.scenarios:
+                continue
+            for tile_elems in args.tile_elems:
+                r = bench(sc, tile_elems, args, gen)
+                rows.append(r)
+                g = r["gb_per_s"]
+                print(f"{sc.name:30} {tile_elems:6} {r['num_copies']:6} {r['num_tiles']:7} "
+                      f"{r['bytes_per_run'] / 1e9:6.2f} {g['kernel']:11.0f} {g['kernel_scalar']:7.0f} "
+                      f"{g['torch']:7.0f} "
+                      f"{g['d2d']:7.0f} {r['kernel_vs_d2d']:6.2f} {r['bitwise_equal'] and r['bitwise_equal_scalar']}",
+                      flush=True)
+                torch.cuda.empty_cache()
+        ok = bool(rows) and all(r["bitwise_equal"] and r["bitwise_equal_scalar"] and r["covers_all_dst_elements"]
+                                for r in rows)
+        report["status"] = "ok" if ok else "failed"
+        if not ok:
+            print("MISMATCH: the kernel and the torch path differ, or a map misses destination elements (see JSON)")
+    except Exception as exc:  # noqa: BLE001 - recorded in the JSON, exit 1
+        ok = False
+        report.update(status="error", error=f"{type(exc).__name__}: {exc}"[:3000])
+        print(f"kernels_gpu.py: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    report.update(gb_per_s_means="(bytes read + bytes written) / median time; d2d copies the same total",
+                  timing="CUDA events per call, median", results=rows)
+    if rows:
+        report["kernel_vs_d2d_min"] = min(r["kernel_vs_d2d"] for r in rows)
+        report["kernel_vs_d2d_whole_model_bf16"] = next((r["kernel_vs_d2d"] for r in rows
+                                                         if r["scenario"] == "tp2->tp1 bf16"), None)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
-    ok = all(r["bitwise_equal"] and r["bitwise_equal_scalar"] for r in rows)
-    if not ok:
-        print("MISMATCH: the kernel and the torch path differ (see bitwise_equal in the JSON)")
     return 0 if ok else 1
 
 
