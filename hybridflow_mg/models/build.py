@@ -120,6 +120,22 @@ def transformer_config(spec: ModelSpec, layout, dtype: torch.dtype, resolved_spe
     return TransformerConfig(**kwargs)
 
 
+def _place(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter in `dtype` and, on GPU, the model on this rank's CUDA device.
+
+    Without TE or Apex, megatron-core's norms fall back to torch's (`WrappedTorchNorm`), which ignores
+    `params_dtype` and `use_cpu_initialization`: their weights come out fp32 and on the CPU, where a
+    bf16 GPU forward fails ("found at least two devices, cuda:0 and cpu", seen on an H200 with the
+    SDPA spec). Roles without DDP (reference, reward model) are never moved by DDP's buffers, so
+    placement is done here, once, for every role.
+    """
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+
+
 def build_model(spec: ModelSpec, grid, *, role: str = "actor", layer_spec_name: str = "auto",
                 dtype: torch.dtype | str = torch.float32, init: bool = False, dropout: float = 0.0,
                 **config_overrides) -> tuple[list[torch.nn.Module], BuiltModel]:
@@ -161,6 +177,7 @@ def build_model(spec: ModelSpec, grid, *, role: str = "actor", layer_spec_name: 
             model.output_layer = ValueHead(spec.dims.hidden_size, dtype, next(model.parameters()).device)
         elif last:
             _mask_padded_vocab(model.output_layer, spec.dims.vocab_size, padded, grid.train.tp, layout.tp)
+        _place(model, dtype)
         chunks.append(model)
     _mark_tensor_parallel(chunks, spec, "te" if resolved == "te" else "local")
     return chunks, BuiltModel(spec=spec, role=role, layer_spec=resolved, padded_vocab=padded, dtype=dtype)
