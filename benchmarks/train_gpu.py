@@ -237,7 +237,7 @@ def offload_body(result: dict, args) -> bool:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # keep the offloader's host buffers as in a run
     from hybridflow_mg.models.build import build_model
-    from hybridflow_mg.rollout.offload import TrainingStateOffloader
+    from hybridflow_mg.rollout.offload import TrainingStateOffloader, torch_optimizers
     from hybridflow_mg.trainer.batch import Sequences
     from hybridflow_mg.trainer.workers import ModelWorker
 
@@ -278,9 +278,8 @@ def offload_body(result: dict, args) -> bool:
     moved = offloader.offload()
     t_off = time.perf_counter() - t0
     mem_gap = torch.cuda.memory_allocated() if gpu else 0
-    inner = getattr(a_worker.optimizer, "optimizer", a_worker.optimizer)
-    left = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"]
-               if p.is_cuda and p.untyped_storage().size() > 0)
+    left = sum(p.numel() * p.element_size() for inner in torch_optimizers(a_worker.optimizer)
+               for g in inner.param_groups for p in g["params"] if p.is_cuda and p.untyped_storage().size() > 0)
     t0 = time.perf_counter()
     reloaded = offloader.reload()
     t_re = time.perf_counter() - t0

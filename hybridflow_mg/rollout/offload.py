@@ -40,13 +40,20 @@ class TrainingStateOffloader:
     _saved: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list, repr=False)
 
     def _tensors(self) -> list[torch.Tensor]:
+        """The CUDA tensors to move, one per storage: a tensor whose storage is already listed (a DDP
+        param view into its buffer, say) is covered by it; a view into a larger storage that nothing
+        here owns is left alone (resizing that storage would cut the rest of it)."""
         out: list[torch.Tensor] = []
         seen: set[int] = set()
 
         def add(t: torch.Tensor | None) -> None:
-            if t is not None and t.is_cuda and id(t) not in seen:
-                seen.add(id(t))
-                out.append(t)
+            if t is None or not t.is_cuda:
+                return
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+                return
+            seen.add(storage.data_ptr())
+            out.append(t)
 
         for chunk in self.chunks:
             buffers = getattr(chunk, "buffers", None)  # megatron-core DDP: contiguous param/grad buffers
@@ -63,11 +70,16 @@ class TrainingStateOffloader:
                     if self.spec.grads:
                         add(p.grad)
         if self.spec.optimizer and self.optimizer is not None:
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)  # megatron wraps torch optimizers
-            for state in getattr(inner, "state", {}).values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor):
-                        add(value)
+            for inner in torch_optimizers(self.optimizer):
+                for state in inner.state.values():
+                    for value in state.values():
+                        if isinstance(value, torch.Tensor):
+                            add(value)
+                # the mixed-precision optimizer's fp32 master weights (4 bytes per parameter; with bf16
+                # params these are the optimizer's own tensors, not the model's)
+                for group in inner.param_groups:
+                    for p in group["params"]:
+                        add(p.data)
         return out
 
     @torch.no_grad()
@@ -100,3 +112,9 @@ class TrainingStateOffloader:
             torch.cuda.synchronize()
         self._saved.clear()
         return moved
+
+
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside megatron-core's wrappers (a ChainedOptimizer holds several)."""
+    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [getattr(part, "optimizer", part) for part in parts]
