@@ -84,7 +84,11 @@ def test_registry_entries_declare_what_they_need():
 
     assert ADVANTAGES.needs("gae") == {"values"} and ADVANTAGES.needs("remax") == {"greedy_baseline"}
     assert ADVANTAGES.needs("grpo") == frozenset() and POLICY_LOSSES.needs("ppo_clip") == frozenset()
-    with pytest.raises(ValueError, match="declares unknown needs \\['critic'\\]; valid: values, ref_logprobs"):
-        Registry("thing").register("x", needs=("critic",))
+    with pytest.raises(ValueError, match="declares needs \\['greedy_baseline'\\] that a policy loss cannot get; "
+                                         "valid: ref_logprobs, values"):
+        POLICY_LOSSES.register("x", needs=("greedy_baseline",))
+    with pytest.raises(ValueError, match="unknown needs \\['critic'\\]"):
+        Registry("thing", needs=("critic",))
+    assert "x" not in POLICY_LOSSES
     with pytest.raises(ValueError, match="unknown advantage estimator 'grpoo'"):
         ADVANTAGES.needs("grpoo")

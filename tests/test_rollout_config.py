@@ -52,8 +52,8 @@ def test_process_state_restores_rngs_threads_gc_and_env():
         os.environ["HF_TEST_KEEP"] = "2"
         os.environ["VLLM_HF_TEST"] = "kept"  # vLLM's own variables stay as vLLM left them
     after = ProcessState.capture()
-    assert torch.equal(before.torch_rng, after.torch_rng) and before.python_rng == after.python_rng
-    assert np.array_equal(before.numpy_rng[1], after.numpy_rng[1])
+    assert torch.equal(before.rng["torch"], after.rng["torch"]) and before.rng["python"] == after.rng["python"]
+    assert np.array_equal(before.rng["numpy"][1], after.rng["numpy"][1])
     assert torch.set_num_threads is saved_set_num_threads and gc.get_freeze_count() == before.gc_frozen
     assert os.environ.get("LD_PRELOAD") == before.env.get("LD_PRELOAD") and os.environ["HF_TEST_KEEP"] == "1"
     assert os.environ.pop("VLLM_HF_TEST") == "kept"

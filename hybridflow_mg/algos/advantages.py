@@ -29,7 +29,8 @@ from hybridflow_mg.algos.config import AdvantageConfig
 from hybridflow_mg.utils.registry import Registry
 
 AdvantageFn = Callable[["AdvantageInput", AdvantageConfig], tuple[torch.Tensor, torch.Tensor]]
-ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator",
+                                             needs=("values", "ref_logprobs", "greedy_baseline"))
 
 
 @dataclass(kw_only=True)

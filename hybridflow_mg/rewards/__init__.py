@@ -17,7 +17,6 @@ from hybridflow_mg.rewards.compose import (
     by_data_source,
     load_fn_by_path,
     resolve,
-    reward_needs,
     score_batch,
     weighted_mix,
 )
@@ -36,7 +35,6 @@ __all__ = [
     "by_data_source",
     "load_fn_by_path",
     "resolve",
-    "reward_needs",
     "score_batch",
     "weighted_mix",
     "DynamicSamplingResult",

@@ -131,19 +131,6 @@ def build_reward_fn(cfg: RewardConfig) -> RewardFn:
     return by_data_source(*({k: bind(v, format_score=cfg.format_score) for k, v in t.items()} for t in tables))
 
 
-def reward_needs(cfg: RewardConfig, fn: RewardFn | None = None) -> frozenset[str]:
-    """What the configured reward functions declared they need (keys of `utils.registry.NEEDS`): by
-    `REWARD_FNS.register(name, needs=...)`, or, for a function given by path or passed from Python
-    (`fn`), by a `needs` attribute on the function. The run builds those roles too."""
-    if fn is not None:
-        return frozenset(getattr(fn, "needs", ()))
-    specs = [cfg.fn] if cfg.fn is not None else [t.fn for t in cfg.mix] or [*cfg.by_data_source.values()]
-    needs: set[str] = set()
-    for spec in specs:
-        needs |= set(getattr(load_fn_by_path(spec), "needs", ())) if ":" in spec else REWARD_FNS.needs(spec)
-    return frozenset(needs)
-
-
 def score_batch(
     fn: RewardFn,
     solutions: Sequence[str],

@@ -55,11 +55,12 @@ import contextlib
 import gc
 import logging
 import os
-import random
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hybridflow_mg.utils.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,8 @@ def on_cpu() -> bool:
 class ProcessState:
     """What `LLM(...)` and `LLM.generate` may change in the process and the trainer cares about."""
 
-    python_rng: Any
-    numpy_rng: Any
-    torch_rng: torch.Tensor
-    cuda_rng: list[torch.Tensor] | None
+    rng: dict[str, Any]
+    """Every random stream (`utils.rng.rng_state`); on a GPU vLLM seeds every CUDA generator too."""
     num_threads: int
     set_num_threads: Any
     gc_frozen: int
@@ -111,19 +110,13 @@ class ProcessState:
 
     @classmethod
     def capture(cls) -> "ProcessState":
-        import numpy as np
-
-        # on a GPU, vLLM seeds every CUDA generator: capture them (this initialises CUDA, which the trainer uses anyway)
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return cls(python_rng=random.getstate(), numpy_rng=np.random.get_state(), torch_rng=torch.get_rng_state(),
-                   cuda_rng=cuda, num_threads=torch.get_num_threads(), set_num_threads=torch.set_num_threads,
+        # capturing the CUDA generators initialises CUDA, which the trainer uses anyway
+        return cls(rng=rng_state(), num_threads=torch.get_num_threads(), set_num_threads=torch.set_num_threads,
                    gc_frozen=gc.get_freeze_count(), default_dtype=torch.get_default_dtype(),
                    grad_enabled=torch.is_grad_enabled(), env=dict(os.environ))
 
     def restore(self) -> list[str]:
         """Put everything back; returns the names of what had changed (for a debug line)."""
-        import numpy as np
-
         changed = []
         if torch.set_num_threads is not self.set_num_threads:
             torch.set_num_threads = self.set_num_threads
@@ -131,11 +124,7 @@ class ProcessState:
         if torch.get_num_threads() != self.num_threads:
             torch.set_num_threads(self.num_threads)
             changed.append("num_threads")
-        random.setstate(self.python_rng)
-        np.random.set_state(self.numpy_rng)
-        torch.set_rng_state(self.torch_rng)
-        if self.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(self.cuda_rng)
+        set_rng_state(self.rng)
         if self.gc_frozen == 0 and gc.get_freeze_count():
             gc.unfreeze()  # only vLLM's freeze; a caller's own earlier freeze is left alone
             changed.append("gc.freeze")

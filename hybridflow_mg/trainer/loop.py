@@ -36,10 +36,12 @@ def rl_step(run, batch, step: int, *, evaluate: Callable[[], dict] | None = None
     """One RL step of `run` (a `setup.Run`) on the prompt `batch`; returns the step's metrics.
 
     `evaluate`, when given, runs after the reshard and before generation, so it sees the policy before
-    this step's update and reuses the step's weight sync; its metrics join the step's.
+    this step's update and reuses the step's weight sync; its metrics join the step's (a name the step
+    reports too is a ValueError).
     """
     cfg = run.cfg
     timer, start = Timer(), time.perf_counter()
+    evaluated: dict[str, float] = {}
     metrics: dict[str, float] = {}
     with timer("reshard"):
         reshard = run.hybrid.sync_weights()
@@ -47,7 +49,7 @@ def rl_step(run, batch, step: int, *, evaluate: Callable[[], dict] | None = None
     with offloaded(run), run.hybrid.generating():
         if evaluate is not None:
             with timer("validate"):
-                metrics.update(evaluate())
+                evaluated = evaluate()
         with timer("generate"):
             rollouts = generate(run, batch, step)
     with timer("reward"):
@@ -75,7 +77,10 @@ def rl_step(run, batch, step: int, *, evaluate: Callable[[], dict] | None = None
     # the controller steers the KL the actor was penalised with, else the KL measured on the rollouts
     kl = actor.kl if actor.kl is not None else batch_stats.rollout_kl
     run.kl_controller.update(kl if kl is not None else 0.0, cfg.data.prompts_per_step * run.sampling.n)
-    return metrics
+    clash = sorted(evaluated.keys() & metrics.keys())
+    if clash:
+        raise ValueError(f"an evaluator reported {clash[0]!r}, a metric of the step itself; rename it")
+    return {**evaluated, **metrics}
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from hybridflow_mg.metrics.tracker import Tracker
 from hybridflow_mg.models.build import build_model
 from hybridflow_mg.models.hf_io import HFSource, load_into_model
 from hybridflow_mg.models.hf_spec import ModelSpec, read_hf_config, spec_from_hf
-from hybridflow_mg.rewards import RewardFn, build_reward_fn, reward_needs
+from hybridflow_mg.rewards import RewardFn, build_reward_fn
 from hybridflow_mg.rollout.config import Sampling
 from hybridflow_mg.rollout.hybrid_engine import HybridEngine
 from hybridflow_mg.rollout.vllm_engine import VLLMEngine
@@ -52,8 +52,8 @@ class Run:
     kl_controller: object
     sampling: Sampling
     needs: frozenset[str]
-    """What the algorithm and the rewards declared they need (`utils.registry.NEEDS`); the roles above
-    were built for exactly these."""
+    """What the algorithm's estimator and losses declared they need (`utils.registry.NEEDS`); the roles
+    above were built for exactly these."""
 
     def close(self) -> None:
         self.tracker.close()
@@ -77,18 +77,13 @@ def check_batch_split(cfg: TrainConfig, dp: int) -> None:
                          f"size {dp}, with at least actor/critic mini_batches prompts per rank")
 
 
-def run_needs(cfg: TrainConfig, reward_fn: RewardFn | None = None) -> frozenset[str]:
-    """What the run must provide: the algorithm's needs and the reward functions' (see `Run.needs`)."""
-    return cfg.algo.needs | reward_needs(cfg.reward, reward_fn)
-
-
 def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     """Everything one run needs, built in dependency order on every rank (collective).
 
     `reward_fn` (a Python callable with the `RewardFn` signature) replaces the config's `reward`
     section; every rank must pass an equal one.
     """
-    needs = run_needs(cfg, reward_fn)
+    needs = cfg.algo.needs
     info, device = init_distributed(cfg.dist.backend, cfg.dist.timeout_minutes)
     t, g = cfg.parallel.train, cfg.parallel.gen
     layout = ParallelLayout.create(world=info.world_size, tp=t.tp, pp=t.pp, vpp=t.vpp, dp=t.dp, gen_tp=g.tp,
@@ -146,5 +141,5 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     sampling = cfg.rollout.sampling(stop_token_ids=stop)
     return Run(cfg=cfg, grid=grid, run_dir=out, tracker=tracker, tokenizer=tokenizer, train_batches=train_batches,
                val_batches=val_batches, spec=spec, naming=naming, actor=actor, ref=ref, critic=critic, reward_model=reward_model,
-               engine=engine, hybrid=hybrid, reward_fn=reward_fn or build_reward_fn(cfg.reward),
+               engine=engine, hybrid=hybrid, reward_fn=reward_fn if reward_fn is not None else build_reward_fn(cfg.reward),
                kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling, needs=needs)

@@ -15,6 +15,7 @@ checkpoint code never needs to know what a role is.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -35,8 +36,10 @@ class Trainer:
         callbacks: `Callback` objects, called in order on every rank.
         evaluators: functions `fn(trainer) -> {metric: value}`, registered as by `register_evaluator`.
 
-    Raises ValueError (one line naming the key or file) for bad input; nothing heavy happens before
-    `setup()` (which `fit()` calls), so constructing a Trainer is cheap.
+    Raises TypeError for a config that is not a `TrainConfig` or a `reward_fn` that is not callable,
+    and ValueError (one line naming the key) when `reward_fn` is given while the config names a reward
+    function too. Nothing heavy happens before `setup()` (which `fit()` calls), so constructing a
+    Trainer is cheap. One Trainer runs per process at a time; `fit()` closes it.
     """
 
     def __init__(self, config: TrainConfig, *, reward_fn: RewardFn | None = None,
@@ -47,7 +50,10 @@ class Trainer:
             raise TypeError(f"Trainer needs a TrainConfig, got {type(config).__name__}; use Trainer.from_yaml(path)")
         if reward_fn is not None and not callable(reward_fn):
             raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
-        import_user_modules(config.run.imports)  # no-op when load_config already imported them
+        if reward_fn is not None and (config.reward.fn or config.reward.mix or config.reward.by_data_source):
+            raise ValueError("reward_fn is given and the config names reward functions too (reward.fn, reward.mix "
+                             "or reward.by_data_source); keep one of the two")
+        import_user_modules(config.run.imports)  # a config built in Python has not imported them yet
         self.config = config
         self.reward_fn = reward_fn
         self.callbacks: list[Callback] = list(callbacks)
@@ -61,8 +67,11 @@ class Trainer:
         self.metrics: dict[str, float] = {}
         """The last step's metrics."""
         self._vllm_step: int | None = None  # the actor of which step vLLM holds (None: not synced)
-        self._generating = False  # inside a step's generation phase (weights synced, KV cache awake)
+        self._generating = False  # inside a generation phase (weights synced, KV cache awake)
         self._closed = False
+        from hybridflow_mg.parallel.launch import discover
+
+        self._rank = discover().rank
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, overrides: Sequence[str] = (), **kwargs: Any) -> "Trainer":
@@ -86,6 +95,7 @@ class Trainer:
         return fn
 
     def add_callback(self, callback: Callback) -> Callback:
+        """Append `callback` (called after those given to the constructor); returns it."""
         self.callbacks.append(callback)
         return callback
 
@@ -109,8 +119,10 @@ class Trainer:
 
     @property
     def is_logging_rank(self) -> bool:
-        """Whether this rank writes metrics and prints (global rank 0)."""
-        return self.setup().grid.is_logging_rank
+        """Whether this rank writes metrics and prints (global rank 0); known before `setup()` and
+        after `close()`. Guard only your own side effects with it: `generate`, `validate` and
+        `save_checkpoint` are collective and must run on every rank."""
+        return self._rank == 0
 
     def fit(self) -> dict[str, float]:
         """Everything `hybridflow-mg train` does: setup, warm start (when configured), RL steps with
@@ -124,6 +136,7 @@ class Trainer:
                 from hybridflow_mg.trainer.warm_start import warm_start
 
                 warm_start(run)
+                self._vllm_step = None  # the warm start changed the actor
             while self.step < cfg.trainer.total_steps:
                 self.train_step()
             if cfg.trainer.save_final:
@@ -145,7 +158,7 @@ class Trainer:
         run, cfg = self.setup(), self.config
         step = self.step + 1
         due = [e for e in self.evaluators if e.due(step, cfg.trainer.val_every)]
-        evaluate = (lambda: self._evaluate(step, due)) if due else None
+        evaluate = (lambda: self._evaluate_in_step(step, due)) if due else None
         self._vllm_step = self.step  # rl_step starts with the reshard
         metrics = rl_step(run, next(run.train_batches), step, evaluate=evaluate)
         self.step, self.metrics = step, metrics
@@ -155,25 +168,32 @@ class Trainer:
             self.save_checkpoint(run.run_dir / "checkpoints" / f"step_{step}")
         return metrics
 
-    def _evaluate(self, step: int, evaluators: list[RegisteredEvaluator]) -> dict[str, float]:
-        """Run `evaluators` inside the step's generation phase; their metrics, checked for clashes."""
+    def _evaluate_in_step(self, step: int, evaluators: list[RegisteredEvaluator]) -> dict[str, float]:
+        """`evaluators` and the `on_validation` callbacks, inside the step's generation phase (weights
+        synced, KV cache awake: `generate` has nothing to set up)."""
         self._generating = True
         try:
-            metrics: dict[str, float] = {}
-            for e in evaluators:
-                for key, value in e(self).items():
-                    if key in metrics:
-                        raise ValueError(f"evaluator {e.name!r} returned {key!r}, which another evaluator "
-                                         "already reported; give your metrics distinct names")
-                    metrics[key] = value
+            metrics = self._evaluate(evaluators)
+            self._call("on_validation", step, metrics)
         finally:
             self._generating = False
-        self._call("on_validation", step, metrics)
+        return metrics
+
+    def _evaluate(self, evaluators: list[RegisteredEvaluator]) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for e in evaluators:
+            for key, value in e(self).items():
+                if key in metrics:
+                    raise ValueError(f"evaluator {e.name!r} returned {key!r}, which another evaluator "
+                                     "already reported; give your metrics distinct names")
+                metrics[key] = value
         return metrics
 
     def validate(self) -> dict[str, float]:
-        """Run every registered evaluator now, with the current policy; returns their metrics (not logged)."""
-        return self._evaluate(self.step, self.evaluators)
+        """Run every registered evaluator now, on the current policy, and return their metrics (nothing is
+        logged, no callback is called). Collective."""
+        with self._generation_phase():
+            return self._evaluate(self.evaluators)
 
     # --- tools for evaluators ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Any], *, n: int = 1, temperature: float = 0.0,
@@ -184,7 +204,7 @@ class Trainer:
         a list of chat messages, or a list of token ids. Greedy by default; `max_new_tokens` defaults to
         `rollout.max_new_tokens`, `seed` to `rollout.seed`. Collective: every rank must call it with the
         same arguments. Raises ValueError for a prompt that cannot be encoded or is longer than
-        `data.max_prompt_length`.
+        `data.max_prompt_length`, or `n` / `max_new_tokens` below 1.
         """
         from hybridflow_mg.data.datasets import encode_prompt
         from hybridflow_mg.trainer.stages import decode_response
@@ -199,8 +219,10 @@ class Trainer:
             if len(ids[-1]) > cfg.data.max_prompt_length:
                 raise ValueError(f"generate: prompt {i} has {len(ids[-1])} tokens, more than data.max_prompt_length="
                                  f"{cfg.data.max_prompt_length}")
+        if max_new_tokens is None:
+            max_new_tokens = run.sampling.max_new_tokens
         sampling = run.engine.config.sampling(
-            n=n, temperature=temperature, max_new_tokens=max_new_tokens or run.sampling.max_new_tokens,
+            n=n, temperature=temperature, max_new_tokens=max_new_tokens,
             stop_token_ids=run.sampling.stop_token_ids, **({} if seed is None else {"seed": seed}))
         with self._generation_phase():
             completions = run.hybrid.generate(ids, sampling, whole_batch=True) if ids else []
@@ -208,28 +230,31 @@ class Trainer:
 
     def score(self, responses: Sequence[str], ground_truths: Sequence[Any], data_sources: Sequence[str] | None = None,
               extra_infos: Sequence[Mapping | None] | None = None) -> list[float]:
-        """The run's reward function applied to each response (no collective)."""
+        """[len(responses)] the run's reward function applied to each response (no collective); the
+        optional columns default to "" and None. Raises ValueError when the lists differ in length."""
         from hybridflow_mg.rewards import score_batch
 
         return score_batch(self.setup().reward_fn, list(responses), list(ground_truths), data_sources, extra_infos)
 
+    @contextlib.contextmanager
     def _generation_phase(self):
         """vLLM ready for generation: inside a step nothing to do; between steps, the actor's current
         weights resharded into vLLM (once per policy) and the training state offloaded (GPU)."""
-        import contextlib
-
         from hybridflow_mg.trainer.loop import offloaded
 
-        run = self.setup()
         if self._generating:
-            return contextlib.nullcontext()
+            yield
+            return
+        run = self.setup()
         if self._vllm_step != self.step:
             run.hybrid.sync_weights()
             self._vllm_step = self.step
-        stack = contextlib.ExitStack()
-        stack.enter_context(offloaded(run))
-        stack.enter_context(run.hybrid.generating())
-        return stack
+        with offloaded(run), run.hybrid.generating():
+            self._generating = True
+            try:
+                yield
+            finally:
+                self._generating = False
 
     # --- checkpoints and state -----------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
@@ -245,11 +270,11 @@ class Trainer:
         critic's weights and optimizer states (this rank's shards; tensors are references, as torch's
         `state_dict` gives them), and the state of callbacks that have one. The reference model and
         the reward model are frozen and rebuilt from their sources."""
-        from hybridflow_mg.trainer.state import rng_state, worker_state
+        from hybridflow_mg.trainer.state import process_rng_state, worker_state
 
         run = self.setup()
         state: dict[str, Any] = {"step": self.step, "data": run.train_batches.state_dict(),
-                                 "kl_controller": run.kl_controller.state_dict(), "rng": rng_state(),
+                                 "kl_controller": run.kl_controller.state_dict(), "rng": process_rng_state(),
                                  "actor": worker_state(run.actor)}
         if run.critic is not None:
             state["critic"] = worker_state(run.critic)
@@ -259,23 +284,27 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what `state_dict` returned (on the same layout); vLLM is resynced before it generates."""
-        from hybridflow_mg.trainer.state import load_worker_state, set_rng_state
+        """Restore what `state_dict` returned (on the same layout); vLLM is resynced before it generates.
+        Raises ValueError, before changing anything, when the state does not fit this run."""
+        from hybridflow_mg.trainer.state import check_worker_state, load_worker_state, set_process_rng_state
 
         run = self.setup()
         if ("critic" in state) != (run.critic is not None):
             raise ValueError("the state was saved by a run " + ("with" if "critic" in state else "without") +
                              " a critic, and this run's algorithm " + ("does not" if "critic" in state else "does") +
                              " train one")
+        check_worker_state(run.actor, state["actor"])
+        if run.critic is not None:
+            check_worker_state(run.critic, state["critic"])
+        run.train_batches.load_state_dict(state["data"])  # checks the seed and the prompt count first
         self.step = int(state["step"])
-        run.train_batches.load_state_dict(state["data"])
         run.kl_controller.load_state_dict(state["kl_controller"])
         load_worker_state(run.actor, state["actor"])
         if run.critic is not None:
             load_worker_state(run.critic, state["critic"])
         for i, cb_state in state.get("callbacks", {}).items():
             self.callbacks[int(i)].load_state_dict(cb_state)
-        set_rng_state(state["rng"])
+        set_process_rng_state(state["rng"])  # last: loading must not draw from the restored streams
         self._vllm_step = None
 
     def close(self) -> None:

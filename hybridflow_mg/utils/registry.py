@@ -10,7 +10,8 @@ An entry declares what it needs beyond the rollout itself, and the run builds ex
     @ADVANTAGES.register("my_gae", needs=("values",))      # the run gets a critic
     @POLICY_LOSSES.register("my_loss", needs=("ref_logprobs",))   # the run gets a reference model
 
-The needs an entry may declare are the keys of `NEEDS`.
+The needs are the keys of `NEEDS`; each registry says which of them its entries may declare (a
+policy loss cannot use a greedy baseline; a reward function receives text only, so it declares none).
 """
 from __future__ import annotations
 
@@ -31,22 +32,29 @@ NEEDS: dict[str, str] = {
 class Registry(Generic[T]):
     """A named table of callables (or classes) of one kind.
 
-    `kind` is the human name used in error messages, e.g. "advantage estimator".
+    `kind` is the human name used in error messages, e.g. "advantage estimator"; `needs` lists the keys
+    of `NEEDS` that its entries may declare (the inputs its callers can pass).
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, *, needs: Iterable[str] = ()):
+        unknown = sorted(set(needs) - NEEDS.keys())
+        if unknown:
+            raise ValueError(f"unknown needs {unknown}; valid: {', '.join(NEEDS)}")
         self.kind = kind
+        self.allowed_needs = tuple(needs)
         self._items: dict[str, T] = {}
         self._needs: dict[str, frozenset[str]] = {}
 
     def register(self, name: str, *, needs: Iterable[str] = ()) -> Callable[[T], T]:
         """Decorator: `@ADVANTAGES.register("grpo")`, or `register("gae", needs=("values",))` for an entry
         that reads inputs the run builds only on request (the keys of `NEEDS`). Registering a name
-        twice, or an unknown need, is a ValueError."""
-        wanted = frozenset(needs)
-        unknown = sorted(wanted - NEEDS.keys())
+        twice, or a need this registry's callers cannot provide, is a ValueError."""
+        wanted = frozenset([needs] if isinstance(needs, str) else needs)
+        unknown = sorted(wanted - set(self.allowed_needs))
         if unknown:
-            raise ValueError(f"{self.kind} {name!r} declares unknown needs {unknown}; valid: {', '.join(NEEDS)}")
+            valid = ", ".join(self.allowed_needs) or "none"
+            raise ValueError(f"{self.kind} {name!r} declares needs {unknown} that a {self.kind} cannot get; "
+                             f"valid: {valid}")
 
         def add(obj: T) -> T:
             if name in self._items:
