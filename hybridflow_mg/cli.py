@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # the command line as given, for commands that relaunch themselves (`--nproc`)
     # `key=value` overrides may follow options (`train CONFIG --nproc 4 a.b=1`); anything else is an error
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides = [*args.overrides, *extra]
@@ -36,14 +38,42 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
-    except Exception as e:  # noqa: BLE001 - the user-error types below become one line
-        from hybridflow_mg.parallel.launch import LaunchError
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line (HYBRIDFLOW_DEBUG=1: the traceback)
+        return _fail(e)
 
-        if os.environ.get("HYBRIDFLOW_DEBUG") or not isinstance(e, (ValueError, LaunchError, FileNotFoundError)):
-            raise
-        if _rank() == 0:  # under a launcher every rank fails alike: one of them says so
-            print(f"hybridflow-mg: error: {e}", file=sys.stderr)
-        return 2
+
+def _fail(e: Exception) -> int:
+    """One line for `e` and the exit code: 2 for bad input (the same on every rank, so rank 0 says it),
+    1 for anything else (said by the failing rank, named). Under `--nproc` the line goes to the local
+    launcher, which prints the first one and stops the other ranks."""
+    from hybridflow_mg.parallel.launch import LaunchError
+    from hybridflow_mg.parallel.local_launch import EXIT_USAGE, write_error_line
+
+    if os.environ.get("HYBRIDFLOW_DEBUG"):
+        import traceback
+
+        traceback.print_exc()
+    rank = _rank()
+    if isinstance(e, (ValueError, LaunchError, FileNotFoundError)):
+        line, code = str(e), EXIT_USAGE
+    else:
+        text = str(e).strip().splitlines()
+        line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+        line, code = line + " (HYBRIDFLOW_DEBUG=1 shows the traceback)", 1
+    if write_error_line(rank, line):
+        return code
+    if code == EXIT_USAGE and rank == 0:  # under a launcher every rank fails alike: one of them says so
+        print(f"hybridflow-mg: error: {line}", file=sys.stderr)
+    elif code != EXIT_USAGE:
+        print(f"hybridflow-mg: error: {'' if _world() == 1 else f'rank {rank}: '}{line}", file=sys.stderr)
+    return code
+
+
+def _world() -> int:
+    for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 1
 
 
 def _rank() -> int:

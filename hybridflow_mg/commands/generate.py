@@ -4,13 +4,12 @@ Loads an HF model into the Megatron training layout, reshards it into the in-pro
 generation layout, generates, and writes one JSON line per prompt: `prompt_ids`, `output_ids`,
 `logprobs`, `finish_reason` (and `samples` when --n > 1). The prompts file holds JSON lines with
 `prompt_ids`, or `prompt` text when the model directory has a tokenizer. `--nproc N` starts N local
-processes with torchrun; under an existing launcher (torchrun, srun, mpirun) the command runs as is.
+processes (parallel/local_launch.py); under an existing launcher (torchrun, srun, mpirun) the command runs as is.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 from hybridflow_mg.commands._args import parse_sizes
@@ -21,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--hf", required=True, help="HF model directory")
     p.add_argument("--train", default="tp=1,pp=1", metavar="tp=T,pp=P")
     p.add_argument("--gen", default="", metavar="tp=TG", help="generation tp (default: training tp)")
-    p.add_argument("--nproc", type=int, default=None, help="start this many local processes (torchrun)")
+    p.add_argument("--nproc", type=int, default=None, help="start this many local processes (parallel/local_launch.py)")
     p.add_argument("--prompts", required=True, help="JSON lines with prompt_ids or prompt")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -68,13 +67,12 @@ def _stop_ids(hf_config: dict) -> tuple[int, ...]:
 def run(args) -> int:
     from hybridflow_mg.parallel.launch import discover
 
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     if args.nproc and discover().world_size == 1:  # start the processes ourselves
-        argv = [a for a in sys.argv[1:]]
-        i = argv.index("--nproc")
-        del argv[i:i + 2]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "hybridflow_mg.cli", *argv]
-        return subprocess.call(cmd)
+        from hybridflow_mg.parallel.local_launch import launch_local, without_nproc
+
+        return launch_local(args.nproc, without_nproc(args.argv))
     return _generate(args)
 
 
