@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -28,7 +29,15 @@ class Timer:
 
 
 class Tracker:
-    def __init__(self, run_dir: Path | None, *, console_keys: tuple[str, ...] = ()):
+    """The metric sinks of one run (logging rank; `run_dir=None` elsewhere makes every call a no-op).
+
+    A fresh run starts `metrics.jsonl` afresh and tells TensorBoard to drop older events of the same
+    directory. A resumed run (`resume_step=N`) keeps the rows of steps ≤ N (a killed run may have
+    logged steps after its last checkpoint, which the resumed run logs again), appends after them,
+    and TensorBoard purges its events after step N, so no step is counted twice.
+    """
+
+    def __init__(self, run_dir: Path | None, *, console_keys: tuple[str, ...] = (), resume_step: int | None = None):
         self.run_dir = run_dir
         self.console_keys = console_keys
         self.history: list[dict] = []
@@ -36,18 +45,25 @@ class Tracker:
         self._tb = None
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(run_dir / "metrics.jsonl", "w", buffering=1)  # a run starts its history afresh
+            path = run_dir / "metrics.jsonl"
+            if resume_step is not None and path.is_file():
+                self.history = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+                                if r.get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            os.replace(tmp, path)
+            self._file = open(path, "a", buffering=1)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=(resume_step or 0) + 1)
             except Exception:  # noqa: BLE001 - tensorboard is optional
                 self._tb = None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self._file is None:
             return
-        row = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        row = {"step": step, **metrics}  # full precision: comparisons of runs (resume, layouts) read these
         self.history.append(row)
         self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:

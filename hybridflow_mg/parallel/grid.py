@@ -9,6 +9,8 @@ never `parallel_state` or `torch.distributed.get_rank()` directly, for parallel 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -23,11 +25,28 @@ def _live_groups() -> set:
     return {g for g in groups if g is not dist.GroupMember.WORLD and g is not dist.distributed_c10d._get_default_group()}
 
 
-def _subgroup(groups: list[list[int]], rank: int, created: list) -> dist.ProcessGroup:
+def on_rank0(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` on global rank 0 only (file system work: run directories, checkpoints), its result
+    given to every rank; when it raises, every rank raises the same exception (the others would
+    otherwise wait for rank 0 forever). Collective over the world; `fn`'s result must pickle."""
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", fn(*args))]
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            box = [("error", e)]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _subgroup(groups: list[list[int]], rank: int, created: list, timeout: timedelta | None) -> dist.ProcessGroup:
     """Create every group in `groups` (all ranks take part, as torch requires) and return ours."""
     mine = None
     for ranks in groups:
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=timeout)
         if rank in ranks:
             mine = group
             created.append(group)
@@ -61,9 +80,12 @@ class Grid:
         self.gen = self.layout.gen_coord(self.rank)
 
     @classmethod
-    def create(cls, layout: ParallelLayout, device: torch.device | None = None, seed: int = 1234) -> "Grid":
+    def create(cls, layout: ParallelLayout, device: torch.device | None = None, seed: int = 1234,
+               timeout_minutes: int | None = None) -> "Grid":
         """Build all groups; torch.distributed must already run over exactly `layout.world` ranks.
 
+        `timeout_minutes` (`dist.timeout_minutes`) governs every group made here, megatron-core's too
+        (a collective that waits longer for a stuck rank fails); left out, torch's default.
         Also seeds megatron-core's RNG streams (default and per-TP-rank model-parallel tracker) with
         `seed`, as `model_parallel_cuda_manual_seed` does: attention forks the tracker even without dropout.
         """
@@ -85,10 +107,12 @@ class Grid:
         if mpu.model_parallel_is_initialized():
             mpu.destroy_model_parallel()
         grid._groups_before = _live_groups()
+        timeout = timedelta(minutes=timeout_minutes) if timeout_minutes else None
         mpu.initialize_model_parallel(
             tensor_model_parallel_size=layout.tp,
             pipeline_model_parallel_size=layout.pp,
             virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+            **({"distributed_timeout_minutes": timeout_minutes} if timeout_minutes else {}),
         )
         grid.tp_group = mpu.get_tensor_model_parallel_group()
         grid.pp_group = mpu.get_pipeline_model_parallel_group()
@@ -99,10 +123,10 @@ class Grid:
 
         seed_model_parallel(seed, grid.train.tp)
 
-        grid.micro_dp_group = _subgroup(layout.micro_dp_groups, rank, grid._owned)
-        grid.gen_tp_group = _subgroup(layout.gen_tp_groups, rank, grid._owned)
-        grid.gen_pp_group = _subgroup(layout.gen_pp_groups, rank, grid._owned)
-        grid.gen_replica_group = _subgroup(layout.gen_replica_groups, rank, grid._owned)
+        grid.micro_dp_group = _subgroup(layout.micro_dp_groups, rank, grid._owned, timeout)
+        grid.gen_tp_group = _subgroup(layout.gen_tp_groups, rank, grid._owned, timeout)
+        grid.gen_pp_group = _subgroup(layout.gen_pp_groups, rank, grid._owned, timeout)
+        grid.gen_replica_group = _subgroup(layout.gen_replica_groups, rank, grid._owned, timeout)
         return grid
 
     def _check_megatron_matches_plan(self) -> None:

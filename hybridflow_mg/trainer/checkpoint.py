@@ -1,44 +1,152 @@
-"""Save the actor as a Megatron checkpoint (checkpoint/megatron.py format), exportable to HF.
+"""Training checkpoints of a run: what goes in, and how a run resumes from one.
 
-Every rank of data-parallel index 0 writes its own (tp, pp) shard file with global layer names;
-after a barrier the logging rank writes the meta file last, so an interrupted save leaves no
-checkpoint. `hybridflow-mg export --ckpt DIR --out HF_DIR` turns it into an HF model.
+A checkpoint directory (`run_dir/checkpoints/step_N` or `.../final`), written atomically by
+`checkpoint/training.py`:
+
+    hybridflow.json, model/, tokenizer/   the actor's weights in the project's shard format (any layout
+                                          loads them; `hybridflow-mg export --ckpt DIR` makes HF files)
+    critic/                               the critic's weights, same format (runs with a critic)
+    optim/actor/, optim/critic/           the optimizer states (Adam moments; fp32 master weights with
+                                          mixed precision) through megatron-core dist_checkpointing
+    trainer_state.pt                      step, data position (epoch, index, shuffle seed), KL controller,
+                                          learning-rate schedules, callbacks' states
+    rng/rank_RRRRR.pt                     every RNG stream of each rank
+    COMPLETE                              written last: step, layout, world, every file's size
+
+Layout-portable: weights, optimizer states, and everything in trainer_state.pt. The RNG streams are
+restored only at the same world size and layout (the loop draws nothing from them that changes a
+result: sampling seeds derive from the run seed and the step). The reference and reward models are
+frozen and rebuilt from their sources.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from hybridflow_mg.checkpoint.megatron import META, CheckpointMeta, save_shard, write_meta
+from hybridflow_mg.checkpoint import training
+from hybridflow_mg.checkpoint.megatron import META, CheckpointMeta, MegatronSource, save_shard, write_meta
+from hybridflow_mg.checkpoint.optimizer_state import load_optimizer_state, save_optimizer_state
 from hybridflow_mg.models.hf_io import TOKENIZER_FILES, model_params
 from hybridflow_mg.models.layouts import name
+from hybridflow_mg.parallel import faults
+from hybridflow_mg.parallel.grid import on_rank0
+
+STATE = "trainer_state.pt"
 
 
-def save_actor(run, directory: Path) -> Path:
-    grid, lay, dims = run.grid, run.grid.layout, run.spec.dims
-    directory.mkdir(parents=True, exist_ok=True)
-    if grid.is_logging_rank:
-        (directory / META).unlink(missing_ok=True)
-    dist.barrier()
-    params = list(model_params(run.actor.modules, dims, pp=lay.pp, pp_rank=grid.train.pp, vpp=lay.vpp,
+def trainable(run) -> list[tuple[str, object]]:
+    """(role, worker) of the roles with an optimizer."""
+    return [(role, w) for role, w in (("actor", run.actor), ("critic", run.critic)) if w is not None]
+
+
+def save_weights(run, worker, spec, directory: Path, *, role: str, source: str) -> None:
+    """`worker`'s weights as a checkpoint in the project's shard format (collective). Every rank of
+    data-parallel index 0 writes its (tp, pp) shard; the logging rank then writes the meta file and
+    copies config and tokenizer facts from the HF directory `source`."""
+    grid, lay = run.grid, run.grid.layout
+    params = list(model_params(worker.modules, spec.dims, pp=lay.pp, pp_rank=grid.train.pp, vpp=lay.vpp,
                                naming=run.naming))
     if grid.train.dp == 0:
         save_shard(directory, grid.train.tp, grid.train.pp, {name(rule, "mcore", layer): p for rule, layer, _, p in params})
     dist.barrier()
-    if grid.is_logging_rank:
-        import json
-        import shutil
 
-        source = Path(run.cfg.model.path)
-        (directory / "tokenizer").mkdir(exist_ok=True)
-        for file in TOKENIZER_FILES:
-            if (source / file).is_file():
-                shutil.copy2(source / file, directory / "tokenizer" / file)
-        hf_config = json.loads((source / "config.json").read_text())
+    def meta() -> None:
+        src = Path(source)
+        if role == "actor":
+            (directory / "tokenizer").mkdir(exist_ok=True)
+            for file in TOKENIZER_FILES:
+                if (src / file).is_file():
+                    shutil.copy2(src / file, directory / "tokenizer" / file)
+        hf_config = json.loads((src / "config.json").read_text())
         dtype = str(params[0][3].dtype).removeprefix("torch.")
-        write_meta(directory, CheckpointMeta(hf_config=hf_config, dims=asdict(dims), tp=lay.tp, pp=lay.pp,
-                                             vpp=lay.vpp, role="actor", dtype=dtype))
-    dist.barrier()
-    return directory
+        write_meta(directory, CheckpointMeta(hf_config=hf_config, dims=asdict(spec.dims), tp=lay.tp, pp=lay.pp,
+                                             vpp=lay.vpp, role=role, dtype=dtype))
+
+    on_rank0(meta)
+
+
+def save_checkpoint(run, directory: Path, state: dict) -> Path:
+    """Write the whole training state of `run` as the checkpoint `directory` (collective); `state` is
+    the trainer's own part (see `Trainer.state_dict`). Returns `directory`, complete."""
+    from hybridflow_mg.trainer.state import process_rng_state
+
+    grid = run.grid
+    tmp = on_rank0(lambda: training.start_partial(directory))
+    save_weights(run, run.actor, run.spec, tmp, role="actor", source=run.cfg.model.path)
+    faults.trigger("save")  # tests kill a rank here: between shard writes
+    if run.critic is not None:
+        save_weights(run, run.critic, run.critic_spec, tmp / "critic", role="critic",
+                     source=run.cfg.model.critic_path or run.cfg.model.path)
+    for role, worker in trainable(run):
+        on_rank0(lambda: (tmp / "optim" / role).mkdir(parents=True))
+        save_optimizer_state(worker, tmp / "optim" / role)
+    on_rank0(lambda: (tmp / "rng").mkdir())
+    torch.save(process_rng_state(), tmp / "rng" / f"rank_{grid.rank:05d}.pt")
+    dist.barrier()  # every rank's files exist: now the marker, last
+
+    def finish() -> Path:
+        torch.save(state, tmp / STATE)
+        lay = grid.layout
+        return training.commit(directory, step=int(state["step"]),
+                               info={"world": lay.world, "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp,
+                                                                    "dp": lay.dp}})
+
+    return on_rank0(finish)
+
+
+def find_resume(cfg, run_dir: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint `trainer.resume` asks for, verified, and its marker; (None, None) for a fresh
+    start. Removes what killed saves left. Rank 0 (file system); raises a one-line ValueError."""
+    root = run_dir / "checkpoints"
+    training.remove_partial(root)
+    mode = cfg.trainer.resume
+    if mode == "never":
+        return None, None
+    if mode != "auto":
+        return training.named(mode, root)
+    found = training.complete(root)
+    return (found[-1][1], training.verify(found[-1][1])) if found else (None, None)
+
+
+def weights_source(path: Path, spec, role: str) -> MegatronSource:
+    """The checkpoint's weights of `role` as a canonical source, checked against the model being built."""
+    where = path if role == "actor" else path / role
+    if not (where / META).is_file():
+        raise ValueError(f"checkpoint {str(path)!r} holds no {role} weights, but this run trains a {role}; "
+                         "resume with the algorithm it was saved with")
+    source = MegatronSource(where)
+    if source.dims != spec.dims:
+        diff = [f"{k} {v} (checkpoint) vs {getattr(spec.dims, k)}" for k, v in asdict(source.dims).items()
+                if getattr(spec.dims, k) != v]
+        raise ValueError(f"checkpoint {str(path)!r} was saved from a different model ({'; '.join(diff[:2])}); "
+                         "resume with the model it was trained from, or trainer.resume=never")
+    return source
+
+
+def load_checkpoint(run, path: Path, marker: dict) -> dict:
+    """Load the optimizer states and RNG streams of checkpoint `path` into `run` (collective; the
+    weights were loaded when the models were built) and return the trainer's part of the state."""
+    from hybridflow_mg.trainer.state import set_process_rng_state
+
+    if (path / "critic").is_dir() != (run.critic is not None):
+        raise ValueError(f"checkpoint {str(path)!r} was saved {'with' if (path / 'critic').is_dir() else 'without'} "
+                         f"a critic and this run {'does not train' if run.critic is None else 'trains'} one; resume "
+                         "with the algorithm it was saved with")
+    for role, worker in trainable(run):
+        try:
+            load_optimizer_state(worker, path / "optim" / role)
+        except Exception as e:  # noqa: BLE001 - megatron/torch raise many kinds for a damaged checkpoint
+            text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"checkpoint {str(path)!r}: the {role}'s optimizer state cannot be loaded at this "
+                             f"layout ({type(e).__name__}: {text[:200]})") from None
+    state = torch.load(path / STATE, weights_only=False)
+    lay = run.grid.layout
+    saved = marker.get("layout", {})
+    if marker.get("world") == lay.world and saved == {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp}:
+        set_process_rng_state(torch.load(path / "rng" / f"rank_{run.grid.rank:05d}.pt", weights_only=False))
+    return state

@@ -77,21 +77,39 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """Adam(W) through megatron-core's optimizer."""
+    """Adam(W) through megatron-core's optimizer, with megatron-core's learning-rate schedule
+    (`OptimizerParamScheduler`) counted in RL steps: linear warmup from 0, then constant, linear or
+    cosine decay to `min_lr` (Loshchilov & Hutter 2017 for cosine)."""
 
     lr: float = 1e-6
+    """Peak learning rate."""
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
     clip_grad: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off."""
+    lr_warmup_steps: int = 0
+    """RL steps of linear warmup from 0 to `lr`."""
+    lr_decay: Literal["constant", "linear", "cosine"] = "constant"
+    """After the warmup: keep `lr`, or decay it to `min_lr` by `lr_decay_steps`."""
+    lr_decay_steps: int | None = None
+    """RL step at which the decay reaches `min_lr`; left out, `trainer.total_steps`."""
+    min_lr: float = 0.0
+    """Floor of the linear and cosine decays."""
 
     def __post_init__(self):
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.clip_grad < 0:
             raise ValueError(f"clip_grad must be ≥ 0, got {self.clip_grad}")
+        _positive("lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
+        if self.lr_decay_steps is not None:
+            _positive("lr_decay_steps", self.lr_decay_steps)
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
 
 
 @dataclass(kw_only=True)
@@ -154,10 +172,23 @@ class TrainerConfig:
     val_every: int = 10
     """Greedy validation every this many steps (and before the first); 0 = never."""
     save_every: int = 0
-    """Save the actor as a Megatron checkpoint every this many steps; 0 = never during the run (the end
-    is `save_final`)."""
+    """Save a training checkpoint (`checkpoints/step_N`) every this many steps; 0 = never during the
+    run (the end is `save_final`). What it holds: see the README's "Resume" section."""
     save_final: bool = True
-    """Save the actor when the run ends."""
+    """Save a training checkpoint (`checkpoints/final`) when the run ends."""
+    keep_last: int = 2
+    """Keep this many `step_N` checkpoints, deleting older ones once a newer one is complete; 0 keeps
+    all. `final` is never deleted."""
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint of the run directory, if any (a finished
+    run says so and exits 0); `never`: start afresh; or the path of a checkpoint directory."""
+    save_before_deadline: float | None = None
+    """Seconds: when less than this is left before the job's deadline (SLURM's `SLURM_JOB_END_TIME`,
+    or `HYBRIDFLOW_DEADLINE`, both Unix times), save and exit resumable (status 75) after the
+    current step. Left out, only signals stop a run early."""
+    max_bad_steps: int = 3
+    """Abort after this many consecutive steps with a non-finite loss or gradient (each such update
+    is skipped and counted)."""
     offload_during_rollout: bool = False
     """GPU: move the training models' parameters, gradients and optimizer states to pinned host
     memory while vLLM generates (rollout/offload.py); a no-op on CPU."""
@@ -166,6 +197,12 @@ class TrainerConfig:
         _positive("total_steps", self.total_steps)
         _positive("val_every", self.val_every, allow_zero=True)
         _positive("save_every", self.save_every, allow_zero=True)
+        _positive("keep_last", self.keep_last, allow_zero=True)
+        _positive("max_bad_steps", self.max_bad_steps)
+        if not isinstance(self.resume, str) or not self.resume.strip():
+            raise ValueError(f"resume must be auto, never or a checkpoint path, got {self.resume!r}")
+        if self.save_before_deadline is not None and not self.save_before_deadline > 0:
+            raise ValueError(f"save_before_deadline must be a positive number of seconds, got {self.save_before_deadline!r}")
 
 
 @dataclass(kw_only=True)

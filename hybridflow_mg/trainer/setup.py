@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
 
 from hybridflow_mg.algos import build_kl_controller
 from hybridflow_mg.data.datasets import PromptBatches, build_prompt_data
 from hybridflow_mg.data.tokenizer import Tokenizer
-from hybridflow_mg.parallel.grid import Grid
+from hybridflow_mg.parallel.grid import Grid, on_rank0
 from hybridflow_mg.parallel.launch import init_distributed
 from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.metrics.tracker import Tracker
@@ -25,7 +24,8 @@ from hybridflow_mg.rewards import RewardFn, build_reward_fn
 from hybridflow_mg.rollout.config import Sampling
 from hybridflow_mg.rollout.hybrid_engine import HybridEngine
 from hybridflow_mg.rollout.vllm_engine import VLLMEngine
-from hybridflow_mg.trainer.bootstrap import prepare_run, run_dir, synthetic_paths
+from hybridflow_mg.trainer.bootstrap import prepare_run, run_dir
+from hybridflow_mg.trainer.checkpoint import find_resume, weights_source
 from hybridflow_mg.trainer.config import TrainConfig
 from hybridflow_mg.trainer.workers import ModelWorker
 
@@ -54,6 +54,11 @@ class Run:
     needs: frozenset[str]
     """What the algorithm's estimator and losses declared they need (`utils.registry.NEEDS`); the roles
     above were built for exactly these."""
+    critic_spec: ModelSpec | None = None
+    resume: Path | None = None
+    """The checkpoint this run continues from (its weights are already in the models), or None."""
+    resume_marker: dict | None = None
+    """That checkpoint's marker (step, layout, world, files)."""
 
     def close(self) -> None:
         self.tracker.close()
@@ -61,10 +66,13 @@ class Run:
         self.grid.destroy()
 
 
-def _load(grid, spec: ModelSpec, path: str, role: str, cfg: TrainConfig, *, skip=()) -> tuple[list, str]:
-    """(model chunks loaded from the HF directory `path`, their parameter naming)."""
+def _load(grid, spec: ModelSpec, source, role: str, cfg: TrainConfig, *, skip=()) -> tuple[list, str]:
+    """(model chunks loaded from `source`, their parameter naming): an HF directory's path, or a
+    canonical source (a training checkpoint's `MegatronSource`)."""
     chunks, built = build_model(spec, grid, role=role, layer_spec_name=cfg.model.layer_spec, dtype=cfg.model.dtype)
-    load_into_model(chunks, HFSource(path, spec.dims), tp=grid.layout.tp, tp_rank=grid.train.tp, pp=grid.layout.pp,
+    if isinstance(source, str):
+        source = HFSource(source, spec.dims)
+    load_into_model(chunks, source, tp=grid.layout.tp, tp_rank=grid.train.tp, pp=grid.layout.pp,
                     pp_rank=grid.train.pp, vpp=grid.layout.vpp, naming=built.naming, skip=skip)
     return chunks, built.naming
 
@@ -88,21 +96,15 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     t, g = cfg.parallel.train, cfg.parallel.gen
     layout = ParallelLayout.create(world=info.world_size, tp=t.tp, pp=t.pp, vpp=t.vpp, dp=t.dp, gen_tp=g.tp,
                                    gen_pp=g.pp)
-    failure = [None]
-    if info.rank == 0:
-        try:
-            cfg = prepare_run(cfg)  # run dir, resolved config, synthetic task and model
-        except Exception as e:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
-            failure = [e]
-    dist.broadcast_object_list(failure, src=0)
-    if failure[0] is not None:
-        raise failure[0]
-    if cfg.model.synthetic is not None and info.rank != 0:
-        cfg = synthetic_paths(cfg)
     check_batch_split(cfg, layout.dp)
-    grid = Grid.create(layout, device, seed=cfg.run.seed)
+
+    def prepare():  # the run directory, the checkpoint to resume from, the resolved config (and the synthetic task)
+        return find_resume(cfg, run_dir(cfg)) + (prepare_run(cfg),)
+
+    resume, marker, cfg = on_rank0(prepare)
+    grid = Grid.create(layout, device, seed=cfg.run.seed, timeout_minutes=cfg.dist.timeout_minutes)
     out = run_dir(cfg)
-    tracker = Tracker(out if grid.is_logging_rank else None,
+    tracker = Tracker(out if grid.is_logging_rank else None, resume_step=marker["step"] if marker else None,
                       console_keys=("reward_mean", "val_reward", "response_len", "kl", "pg_loss", "grad_norm",
                                     "rollout_logprob_diff", "seconds"))
 
@@ -116,18 +118,23 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
         raise ValueError(f"sequences of up to {longest} tokens exceed the model's sliding window "
                          f"{spec.sliding_window}, which training does not apply; keep data.max_prompt_length + "
                          f"rollout.max_new_tokens ≤ {spec.sliding_window}")
-    actor_chunks, naming = _load(grid, spec, cfg.model.path, "actor", cfg)
-    actor = ModelWorker(grid, actor_chunks, optim=cfg.actor.optim, name="actor")
+    def weights(role_spec, role: str, default: str):  # the checkpoint's when resuming, else the HF directory's
+        return weights_source(resume, role_spec, role) if resume is not None else default
+
+    steps = cfg.trainer.total_steps
+    actor_chunks, naming = _load(grid, spec, weights(spec, "actor", cfg.model.path), "actor", cfg)
+    actor = ModelWorker(grid, actor_chunks, optim=cfg.actor.optim, name="actor", schedule_steps=steps)
     ref = None
     if "ref_logprobs" in needs:
         ref = ModelWorker(grid, _load(grid, spec, cfg.model.path, "ref", cfg)[0], name="ref")
-    critic = None
+    critic = critic_spec = None
     if "values" in needs:
         path = cfg.model.critic_path or cfg.model.path
         critic_spec = spec_from_hf(read_hf_config(path), head="value", vocab_divisor=cfg.model.vocab_divisor)
-        skip = () if cfg.model.critic_path else ("value_head",)  # from the actor: trunk loaded, head starts at 0
-        critic = ModelWorker(grid, _load(grid, critic_spec, path, "critic", cfg, skip=skip)[0],
-                             optim=cfg.critic.optim, name="critic")
+        # from the actor's HF weights: trunk loaded, head starts at 0
+        skip = () if cfg.model.critic_path or resume is not None else ("value_head",)
+        critic = ModelWorker(grid, _load(grid, critic_spec, weights(critic_spec, "critic", path), "critic", cfg,
+                                         skip=skip)[0], optim=cfg.critic.optim, name="critic", schedule_steps=steps)
     reward_model = None
     if cfg.model.reward_model_path:
         rm_spec = spec_from_hf(read_hf_config(cfg.model.reward_model_path), head="value",
@@ -142,4 +149,5 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     return Run(cfg=cfg, grid=grid, run_dir=out, tracker=tracker, tokenizer=tokenizer, train_batches=train_batches,
                val_batches=val_batches, spec=spec, naming=naming, actor=actor, ref=ref, critic=critic, reward_model=reward_model,
                engine=engine, hybrid=hybrid, reward_fn=reward_fn if reward_fn is not None else build_reward_fn(cfg.reward),
-               kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling, needs=needs)
+               kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling, needs=needs,
+               critic_spec=critic_spec, resume=resume, resume_marker=marker)

@@ -232,7 +232,8 @@ def update(run, worker, experience: Experience, *, actor: bool) -> UpdateResult:
                 totals[k] = totals.get(k, 0.0) + v
             steps += 1
     prefix = "" if actor else "critic/"
-    out = {f"{prefix}grad_norm": totals.get("grad_norm", 0.0) / steps, f"{prefix}loss": totals["loss"] / steps}
+    out = {f"{prefix}grad_norm": totals.get("grad_norm", 0.0) / steps, f"{prefix}loss": totals["loss"] / steps,
+           f"{prefix}update_skipped": totals.get("update_skipped", 0.0)}  # optimizer steps skipped (NaN/Inf)
     tokens = max(totals.get("tokens", 0.0), 1.0)
     for key in ("pg_loss", "kl", "entropy", "clip_frac", "ppo_kl", "vf_loss", "vf_clip_frac"):
         if key in totals:

@@ -66,6 +66,11 @@ class Trainer:
         """RL steps completed."""
         self.metrics: dict[str, float] = {}
         """The last step's metrics."""
+        self.preempted: str | None = None
+        """Why `fit()` stopped early with a checkpoint (a signal's name, or "deadline"); the CLI then
+        exits with status 75 (`EXIT_RESUMABLE`)."""
+        self.bad_steps = 0
+        """Consecutive steps whose update was skipped for a non-finite loss or gradient."""
         self._vllm_step: int | None = None  # the actor of which step vLLM holds (None: not synced)
         self._generating = False  # inside a generation phase (weights synced, KV cache awake)
         self._closed = False
@@ -115,6 +120,12 @@ class Trainer:
             self.config = self.run.cfg  # with the synthetic run's paths filled in
             if self.run.val_batches is not None:
                 self.evaluators.insert(0, RegisteredEvaluator("validation", greedy_validation, None))
+            if self.run.resume is not None:
+                from hybridflow_mg.trainer.checkpoint import load_checkpoint
+
+                self._load_own_state(load_checkpoint(self.run, self.run.resume, self.run.resume_marker))
+                if self.is_logging_rank:
+                    print(f"resumed from {self.run.resume} at step {self.step}", flush=True)
         return self.run
 
     @property
@@ -128,17 +139,27 @@ class Trainer:
         """Everything `hybridflow-mg train` does: setup, warm start (when configured), RL steps with
         validation and checkpoints, the final save, the printed curves, close. Returns the last step's
         metrics."""
+        from hybridflow_mg.trainer.preemption import Preemption
+
         run = self.setup()
         cfg = self.config
         try:
-            self._call("on_train_start", self)
-            if cfg.actor.warm_start.steps and self.step == 0:
-                from hybridflow_mg.trainer.warm_start import warm_start
+            if self.step >= cfg.trainer.total_steps:  # a rerun of a finished run
+                if self.is_logging_rank:
+                    print(f"run {run.run_dir} already finished at step {self.step} ({run.resume}); raise "
+                          "trainer.total_steps to train on, or set trainer.resume=never to start again", flush=True)
+                return self.metrics
+            with Preemption(run.grid.device, cfg.trainer.save_before_deadline) as preemption:
+                self._call("on_train_start", self)
+                if cfg.actor.warm_start.steps and self.step == 0:
+                    from hybridflow_mg.trainer.warm_start import warm_start
 
-                warm_start(run)
-                self._vllm_step = None  # the warm start changed the actor
-            while self.step < cfg.trainer.total_steps:
-                self.train_step()
+                    warm_start(run)
+                    self._vllm_step = None  # the warm start changed the actor
+                while self.step < cfg.trainer.total_steps:
+                    self.train_step()
+                    if preemption.due() and self.step < cfg.trainer.total_steps:
+                        return self._stop_resumable(preemption.requested)
             if cfg.trainer.save_final:
                 self.save_checkpoint(run.run_dir / "checkpoints" / "final")
             if self.is_logging_rank:
@@ -151,21 +172,50 @@ class Trainer:
             self.close()
         return self.metrics
 
+    def _stop_resumable(self, why: str) -> dict[str, float]:
+        """Save (unless this step's checkpoint exists) and mark the run preempted: `fit` returns."""
+        from hybridflow_mg.checkpoint.training import step_name
+
+        path = self.run.run_dir / "checkpoints" / step_name(self.step)
+        if not (path / "COMPLETE").is_file():
+            self.save_checkpoint(path)
+        self.preempted = why
+        if self.is_logging_rank:
+            print(f"stopped by {why} after step {self.step}: saved {path}; the same command resumes "
+                  "(exit status 75)", flush=True)
+        return self.metrics
+
     def train_step(self) -> dict[str, float]:
         """One RL step (validation first when due), logged, with callbacks and the periodic checkpoint."""
         from hybridflow_mg.trainer.loop import rl_step
 
+        from hybridflow_mg.checkpoint.training import step_name
+        from hybridflow_mg.parallel import faults
+
         run, cfg = self.setup(), self.config
         step = self.step + 1
+        faults.set_step(step)
+        faults.trigger("step")
         due = [e for e in self.evaluators if e.due(step, cfg.trainer.val_every)]
         evaluate = (lambda: self._evaluate_in_step(step, due)) if due else None
         self._vllm_step = self.step  # rl_step starts with the reshard
+        lr = run.actor.optimizer.param_groups[0]["lr"]
         metrics = rl_step(run, next(run.train_batches), step, evaluate=evaluate)
+        for worker in (run.actor, run.critic):
+            if worker is not None:
+                worker.scheduler.step(1)  # the schedule counts RL steps
+        skipped = metrics.get("update_skipped", 0.0) + metrics.get("critic/update_skipped", 0.0)
+        self.bad_steps = self.bad_steps + 1 if skipped else 0
+        metrics.update(lr=lr, bad_steps=self.bad_steps)
         self.step, self.metrics = step, metrics
         run.tracker.log(step, metrics)
         self._call("on_step_end", step, metrics)
+        if self.bad_steps >= cfg.trainer.max_bad_steps:
+            raise RuntimeError(f"{self.bad_steps} consecutive steps (to step {step}) had a non-finite loss or gradient "
+                               "and were skipped (trainer.max_bad_steps); lower the learning rate, check the rewards, "
+                               "or resume from an earlier checkpoint")
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            self.save_checkpoint(run.run_dir / "checkpoints" / f"step_{step}")
+            self.save_checkpoint(run.run_dir / "checkpoints" / step_name(step))
         return metrics
 
     def _evaluate_in_step(self, step: int, evaluators: list[RegisteredEvaluator]) -> dict[str, float]:
@@ -258,29 +308,55 @@ class Trainer:
 
     # --- checkpoints and state -----------------------------------------------------------------------------
     def save_checkpoint(self, path: str | os.PathLike) -> Path:
-        """Save the actor as a Megatron checkpoint at `path` (collective; exportable to HF)."""
-        from hybridflow_mg.trainer.checkpoint import save_actor
+        """Save the whole training state at `path`, atomically (collective; see trainer/checkpoint.py for
+        what it holds; `hybridflow-mg export --ckpt PATH` makes an HF model of its actor). Older
+        `step_N` checkpoints beyond `trainer.keep_last` are then deleted."""
+        from hybridflow_mg.checkpoint.training import prune
+        from hybridflow_mg.parallel.grid import on_rank0
+        from hybridflow_mg.trainer.checkpoint import save_checkpoint
 
-        out = save_actor(self.setup(), Path(path))
+        run = self.setup()
+        out = save_checkpoint(run, Path(path), self._own_state())
+        on_rank0(prune, run.run_dir / "checkpoints", self.config.trainer.keep_last)
         self._call("on_checkpoint", self.step, out)
         return out
 
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's training state: step, data position, KL controller, every RNG, the actor's and
-        critic's weights and optimizer states (this rank's shards; tensors are references, as torch's
-        `state_dict` gives them), and the state of callbacks that have one. The reference model and
-        the reward model are frozen and rebuilt from their sources."""
-        from hybridflow_mg.trainer.state import process_rng_state, worker_state
-
+    def _own_state(self) -> dict[str, Any]:
+        """What `state_dict` holds besides the roles' weights and optimizers and the RNG streams."""
         run = self.setup()
         state: dict[str, Any] = {"step": self.step, "data": run.train_batches.state_dict(),
-                                 "kl_controller": run.kl_controller.state_dict(), "rng": process_rng_state(),
-                                 "actor": worker_state(run.actor)}
-        if run.critic is not None:
-            state["critic"] = worker_state(run.critic)
+                                 "kl_controller": run.kl_controller.state_dict(), "bad_steps": self.bad_steps,
+                                 "schedulers": {role: w.scheduler.state_dict() for role, w in
+                                                (("actor", run.actor), ("critic", run.critic)) if w is not None}}
         callbacks = {i: cb.state_dict() for i, cb in enumerate(self.callbacks) if hasattr(cb, "state_dict")}
         if callbacks:
             state["callbacks"] = callbacks
+        return state
+
+    def _load_own_state(self, state: Mapping[str, Any]) -> None:
+        run = self.setup()
+        run.train_batches.load_state_dict(state["data"])  # checks the seed and the prompt count first
+        self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        run.kl_controller.load_state_dict(state["kl_controller"])
+        for role, worker in (("actor", run.actor), ("critic", run.critic)):
+            if worker is not None and role in state.get("schedulers", {}):
+                worker.scheduler.load_state_dict(state["schedulers"][role])
+        for i, cb_state in state.get("callbacks", {}).items():
+            self.callbacks[int(i)].load_state_dict(cb_state)
+        self._vllm_step = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's training state: step, data position, KL controller, learning-rate schedules,
+        consecutive bad steps, callbacks' states (those with a `state_dict`), every RNG stream, and
+        the actor's and critic's weights and optimizer states (this rank's shards; tensors are
+        references, as torch's `state_dict` gives them). The reference and reward models are frozen
+        and rebuilt from their sources. Checkpoints on disk: `save_checkpoint`."""
+        from hybridflow_mg.trainer.state import process_rng_state, worker_state
+
+        run = self.setup()
+        state = {**self._own_state(), "rng": process_rng_state(), "actor": worker_state(run.actor)}
+        if run.critic is not None:
+            state["critic"] = worker_state(run.critic)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -296,16 +372,11 @@ class Trainer:
         check_worker_state(run.actor, state["actor"])
         if run.critic is not None:
             check_worker_state(run.critic, state["critic"])
-        run.train_batches.load_state_dict(state["data"])  # checks the seed and the prompt count first
-        self.step = int(state["step"])
-        run.kl_controller.load_state_dict(state["kl_controller"])
+        self._load_own_state(state)
         load_worker_state(run.actor, state["actor"])
         if run.critic is not None:
             load_worker_state(run.critic, state["critic"])
-        for i, cb_state in state.get("callbacks", {}).items():
-            self.callbacks[int(i)].load_state_dict(cb_state)
         set_process_rng_state(state["rng"])  # last: loading must not draw from the restored streams
-        self._vllm_step = None
 
     def close(self) -> None:
         """Release the vLLM engine, the process groups and the trackers (idempotent)."""

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from hybridflow_mg.parallel import faults
 from hybridflow_mg.trainer.batch import Sequences, micro_batches
 
 # head(output [mb, L, ·], micro-batch) → {name: [mb, T_mb]} on the last pipeline stage
@@ -22,12 +23,30 @@ Head = Callable[[torch.Tensor, Sequences], dict[str, torch.Tensor]]
 Loss = Callable[[torch.Tensor, Sequences], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-class ModelWorker:
-    """`chunks` (one GPTModel per virtual stage) of one role; trainable roles get DDP and an optimizer."""
+def _scheduler(optimizer, optim, schedule_steps: int):
+    """megatron-core's `OptimizerParamScheduler` for `optim` (counted in RL steps; see `OptimConfig`)."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    def __init__(self, grid, chunks: list[torch.nn.Module], *, optim=None, name: str = "model"):
+    decay = optim.lr_decay_steps or schedule_steps
+    if decay <= optim.lr_warmup_steps:
+        raise ValueError(f"lr_warmup_steps={optim.lr_warmup_steps} must be below the decay length {decay} "
+                         "(lr_decay_steps, else trainer.total_steps)")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=decay, lr_decay_style=optim.lr_decay,
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+
+
+class ModelWorker:
+    """`chunks` (one GPTModel per virtual stage) of one role; trainable roles get DDP, an optimizer and a
+    learning-rate schedule (`scheduler`, stepped once per RL step by the loop; `schedule_steps` is the
+    decay length when `optim.lr_decay_steps` is left out)."""
+
+    def __init__(self, grid, chunks: list[torch.nn.Module], *, optim=None, name: str = "model",
+                 schedule_steps: int = 1):
         self.grid, self.name = grid, name
         self.optimizer = None
+        self.scheduler = None
         if optim is not None:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
             from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -38,10 +57,11 @@ class ModelWorker:
             chunks = [DistributedDataParallel(config=config, ddp_config=ddp_config, module=c) for c in chunks]
             config.finalize_model_grads_func = finalize_model_grads
             self.optimizer = get_megatron_optimizer(OptimizerConfig(
-                optimizer="adam", lr=optim.lr, weight_decay=optim.weight_decay, adam_beta1=optim.beta1,
+                optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay, adam_beta1=optim.beta1,
                 adam_beta2=optim.beta2, adam_eps=optim.eps, clip_grad=optim.clip_grad,
                 params_dtype=next(chunks[0].parameters()).dtype, bf16=config.bf16, fp16=config.fp16,
                 use_distributed_optimizer=distributed), chunks)
+            self.scheduler = _scheduler(self.optimizer, optim, schedule_steps)
         self.chunks = chunks
 
     # --- the schedule ----------------------------------------------------------------------------------
@@ -109,7 +129,9 @@ class ModelWorker:
 
         `loss` returns each micro-batch's loss aggregated with the step's GLOBAL normalizers, so that
         the micro-batch losses of all DP ranks add up to the step's loss. Returned metrics: that
-        loss, the grad norm, and the sums the loss function reported, all over the whole step.
+        loss, the grad norm, and the sums the loss function reported, all over the whole step; and
+        `update_skipped` 1.0 when a loss or a gradient was not finite on some rank, in which case no
+        parameter moved (grad_norm is then NaN).
         """
         if self.optimizer is None:
             raise RuntimeError(f"{self.name} has no optimizer")
@@ -118,6 +140,8 @@ class ModelWorker:
 
         def step(out, mb):
             value, stats = loss(out, mb)
+            if faults.trigger("loss"):
+                value = value * float("nan")
             return value * scale, {"loss": value.detach(), **{k: v.detach() for k, v in stats.items()}}
 
         for c in self.chunks:
@@ -125,7 +149,11 @@ class ModelWorker:
             c.zero_grad_buffer()
         self.optimizer.zero_grad()
         outs = self._run(seqs, groups, step, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        if self._finite(outs):
+            ok, grad_norm, _ = self.optimizer.step()
+        else:  # skip the update: a NaN/Inf would spread into every weight and Adam moment
+            ok, grad_norm = False, float("nan")
+            self.optimizer.zero_grad()
         keys = sorted(outs[0]) if outs else []
         sums = torch.zeros(max(len(keys), 1), dtype=torch.float64, device=self.grid.device)
         if self.grid.is_last_stage and keys:
@@ -137,6 +165,18 @@ class ModelWorker:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else 0.0
         metrics["update_skipped"] = 0.0 if ok else 1.0
         return metrics
+
+    def _finite(self, outs: list[dict]) -> bool:
+        """Whether every micro-batch loss (last stage) and every gradient (DDP buffers) is finite on
+        every rank; all ranks get the same answer (they must all step, or all skip)."""
+        ok = all(bool(torch.isfinite(o["loss"]).all()) for o in outs)
+        for chunk in self.chunks:
+            buffers = getattr(chunk, "buffers", None)  # megatron-core DDP's grad buffers (a list attribute)
+            for buffer in buffers if isinstance(buffers, list) else ():
+                ok = ok and bool(torch.isfinite(buffer.grad_data).all())
+        flag = torch.tensor([1.0 if ok else 0.0], device=self.grid.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() == 1.0)
 
     def _names_from_last_stage(self, keys: list[str]) -> list[str]:
         if self.grid.layout.pp == 1:
