@@ -59,6 +59,15 @@ def test_sigterm_saves_exits_resumable_and_the_next_run_resumes(tmp_path):
     assert [r["step"] for r in rows(tmp_path / "preempt")] == list(range(1, done + 2))
 
 
+def test_the_deadline_stops_a_run_resumable(tmp_path):
+    """`trainer.save_before_deadline`: with an hour left and two asked for, the run saves after step 1."""
+    proc = trainrun.run(tmp_path, "deadline", *TWO, "trainer.total_steps=40", "trainer.save_before_deadline=7200",
+                        nproc=2, env={"HYBRIDFLOW_DEADLINE": str(time.time() + 3600)})
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "stopped by deadline after step 1" in proc.stdout
+    assert (tmp_path / "deadline" / "checkpoints" / "step_1" / "COMPLETE").is_file()
+
+
 def test_a_nan_loss_skips_the_update_and_the_run_goes_on(tmp_path):
     proc = trainrun.run(tmp_path, "nan", *TWO, "trainer.total_steps=3", "trainer.save_every=1", "trainer.keep_last=0",
                         "actor.warm_start.steps=30", nproc=2, fault="nan:loss:2")

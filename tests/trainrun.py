@@ -22,9 +22,9 @@ def command(out: Path, name: str, *overrides: str, nproc: int = 4) -> list[str]:
             *SHORT, f"run.output_dir={out}", f"run.name={name}", *overrides]
 
 
-def run(out: Path, name: str, *overrides: str, nproc: int = 4, fault: str | None = None,
-        timeout: int = 600) -> subprocess.CompletedProcess:
-    env = worker_env(**({"HYBRIDFLOW_FAULT": fault} if fault else {}))
+def run(out: Path, name: str, *overrides: str, nproc: int = 4, fault: str | None = None, timeout: int = 600,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = worker_env(**({"HYBRIDFLOW_FAULT": fault} if fault else {}), **(env or {}))
     return subprocess.run(command(out, name, *overrides, nproc=nproc), cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
