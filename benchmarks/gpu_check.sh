@@ -5,6 +5,7 @@
 #   2. kernels_gpu  benchmarks/kernels_gpu.py          reshard CUDA kernel: build, bitwise, vs d2d copy
 #   3. train_gpu    benchmarks/train_gpu.py            actor update through ModelWorker.train, tokens/s, MFU
 #   4. offload_gpu  benchmarks/train_gpu.py --mode offload   training state to host and back, bit-exact
+#   5. resume_gpu   benchmarks/train_gpu.py --mode resume    optimizer state through dist_checkpointing, step replayed bit-exact
 #   5. vLLM checks (sleep/wake, gpu_memory_utilization): recorded as skipped, vLLM is not on the machine.
 # The checks run one after another (their timings must not overlap); the kernel check, which needs no
 # megatron-core and no NCCL, runs second so that a hang in the first cannot starve it of the budget.
@@ -14,7 +15,7 @@
 # bash benchmarks/fetch_gpu_wheels.sh. A megatron-core check that fails while building the model with an
 # import/API error (exit 3) is rerun on the fallback; each JSON records the version it ran on.
 # Output: $OUT (default benchmarks/results/gpu_<date>_<time>/), flat: gpu_check.log, model_gpu.json,
-# train_gpu.json, offload_gpu.json, kernels_gpu.json, gpu_check_summary.json. The last lines printed are
+# train_gpu.json, offload_gpu.json, resume_gpu.json, kernels_gpu.json, gpu_check_summary.json. The last lines printed are
 # a summary table. Exit status: 0 all passed, 1 something failed, 2 no GPU here.
 # GPU_CHECK_DEVICE=cpu runs checks 1, 3, 4 as CPU dry runs at tiny sizes (a test of this script, not of a GPU).
 set -uo pipefail
@@ -128,6 +129,7 @@ megatron_check model_gpu 120 "$PY" benchmarks/model_gpu.py --device "$DEVICE"
 attempt kernels_gpu 200 - "$PY" benchmarks/kernels_gpu.py --out "$OUT/kernels_gpu.json"
 megatron_check train_gpu 120 "$PY" benchmarks/train_gpu.py --device "$DEVICE"
 megatron_check offload_gpu 100 "$PY" benchmarks/train_gpu.py --mode offload --device "$DEVICE"
+megatron_check resume_gpu 100 "$PY" benchmarks/train_gpu.py --mode resume --device "$DEVICE"
 
 command -v nvidia-smi >/dev/null && "${SMI[@]}"
 say "summary"

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-CHECKS = ("model_gpu", "kernels_gpu", "train_gpu", "offload_gpu")
+CHECKS = ("model_gpu", "kernels_gpu", "train_gpu", "offload_gpu", "resume_gpu")
 FIGURES = {
     "model_gpu": ("params", "batch", "seq", "seconds_per_step", "tokens_per_second", "model_tflops",
                   "datasheet_bf16_tflops", "mfu_vs_datasheet", "gemm_peak_tflops", "mfu_vs_measured_gemm",
@@ -32,6 +32,8 @@ FIGURES = {
                     "optimizer_params_left_on_gpu_bytes", "offload_seconds", "reload_seconds", "offload_gb_per_s",
                     "reload_gb_per_s", "state_restored_bitwise", "control_step1_bit_identical", "step2_bit_identical"),
     "kernels_gpu": ("kernel_vs_d2d_min", "kernel_vs_d2d_whole_model_bf16"),
+    "resume_gpu": ("optimizer", "checkpoint_bytes", "save_seconds", "load_seconds", "metrics_identical",
+                   "state_identical"),
 }
 SKIPPED = {
     "vllm_sleep_wake": "vLLM is not installed on the device machine (no network there); needs vLLM's sleep mode",
@@ -92,6 +94,10 @@ def headline(name: str, r: dict) -> str:
                 f"off {_num(g('offload_seconds'), '.2g')} s / back {_num(g('reload_seconds'), '.2g')} s, restored "
                 f"bitwise {g('state_restored_bitwise')}, step2 identical {g('step2_bit_identical')} (control "
                 f"{g('control_step1_bit_identical')}), left on GPU {_num(left, '.3g')} GB")
+    if name == "resume_gpu":
+        return (f"{g('optimizer')}: {_num((g('checkpoint_bytes') or 0) / 1e9, '.3g')} GB saved in "
+                f"{_num(g('save_seconds'), '.2g')} s, loaded in {_num(g('load_seconds'), '.2g')} s; step 2 replayed "
+                f"identical: metrics {g('metrics_identical')}, state {g('state_identical')}")
     if name == "kernels_gpu":
         rows = r.get("results") or []
         build = r.get("build") or {}

@@ -28,6 +28,11 @@ optimizer params and states) is bit-identical before offload and after reload; o
 on B gives bit-identical loss, grad norm and state (decided only when step 1 was already bit-identical
 on A and B: the control). Also reports offload/reload seconds and what stays on the GPU.
 
+--mode resume (check 5): the optimizer state saved after step 1 through `checkpoint/optimizer_state.py`
+(megatron-core dist_checkpointing; the distributed optimizer on GPU), then steps 2 and 3; step 1's
+weights and the saved state loaded back, steps 2 and 3 again: their metrics and the optimizer state
+(fp32 main params, Adam moments) must be bit-identical; the model params' largest difference is reported.
+
 Exit status (gpu_common): 0 ok, 1 a check failed, 2 no GPU (offload mode on CPU is a dry run: 0),
 3 megatron-core import/API error while building.
 """
@@ -237,7 +242,8 @@ def offload_body(result: dict, args) -> bool:
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False  # keep the offloader's host buffers as in a run
     from hybridflow_mg.models.build import build_model
-    from hybridflow_mg.rollout.offload import TrainingStateOffloader, torch_optimizers
+    from hybridflow_mg.rollout.offload import TrainingStateOffloader
+    from hybridflow_mg.utils.optim import torch_optimizers
     from hybridflow_mg.trainer.batch import Sequences
     from hybridflow_mg.trainer.workers import ModelWorker
 
@@ -322,9 +328,76 @@ def offload_body(result: dict, args) -> bool:
     return ok
 
 
+def resume_body(result: dict, args) -> bool:
+    """--mode resume: the optimizer state through `checkpoint/optimizer_state.py` (megatron-core
+    dist_checkpointing; on GPU the distributed optimizer's sharded state), saved after step 1 and loaded
+    back with step 1's weights: step 2 replayed must equal step 2 bit for bit (state and metrics)."""
+    import tempfile
+
+    import torch
+    import torch.utils.deterministic
+
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    from hybridflow_mg.checkpoint.optimizer_state import load_optimizer_state, save_optimizer_state
+    from hybridflow_mg.models.build import build_model
+    from hybridflow_mg.trainer.batch import Sequences
+    from hybridflow_mg.trainer.workers import ModelWorker
+
+    gpu = args.device == "cuda"
+    cfg = dict(LLAMA_1B, num_hidden_layers=args.offload_layers) if gpu else LLAMA_TINY
+    grid, device, spec = setup(args, cfg, "29537")
+    chunks, _ = build_model(spec, grid, role="actor", layer_spec_name="local", dtype="bfloat16" if gpu else "float32",
+                            init=True)
+    worker = ModelWorker(grid, chunks, optim=optim_config(1e-4, 1.0), name="actor")
+    prompts, responses = random_batch(cfg["vocab_size"], 8 if gpu else 6, (32, 128) if gpu else (3, 8),
+                                      (64, 384) if gpu else (3, 10), seed=2)
+    seqs = Sequences.build(prompts, responses, group=list(range(len(prompts))))
+    loss, budget = cross_entropy_loss(grid, seqs), 2048 if gpu else 48
+    worker.train(seqs, loss, token_budget=budget)
+    result["phase"] = "run"
+
+    def params_now():
+        return [p.detach().clone() for c in worker.modules for p in c.parameters()]
+
+    def optimizer_state():  # fp32 main params and Adam moments (the model's bf16 params are compared apart)
+        return {k: fingerprint(v) for k, v in state_tensors(worker).items() if k.startswith("opt_")}
+
+    saved_params = params_now()
+    with tempfile.TemporaryDirectory() as ckpt:
+        t0 = time.perf_counter()
+        save_optimizer_state(worker, ckpt)
+        t_save = time.perf_counter() - t0
+        files = sum(f.stat().st_size for f in Path(ckpt).rglob("*") if f.is_file())
+        first = [worker.train(seqs, loss, token_budget=budget) for _ in range(2)]  # steps 2 and 3
+        want, want_params = optimizer_state(), params_now()
+        with torch.no_grad():
+            for p, saved in zip((p for c in worker.modules for p in c.parameters()), saved_params):
+                p.copy_(saved)
+        t0 = time.perf_counter()
+        load_optimizer_state(worker, ckpt)
+        t_load = time.perf_counter() - t0
+    again = [worker.train(seqs, loss, token_budget=budget) for _ in range(2)]  # steps 2 and 3 replayed
+    got, got_params = optimizer_state(), params_now()
+    diff = [k for k in want if want[k] != got.get(k)][:5]
+    param_diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(want_params, got_params))
+    inner = getattr(worker.optimizer, "chained_optimizers", [worker.optimizer])
+    result.update({
+        "check": "train_gpu --mode resume: optimizer state saved and loaded through dist_checkpointing",
+        "optimizer": type(inner[0]).__name__, "checkpoint_bytes": files, "save_seconds": t_save,
+        "load_seconds": t_load, "steps_2_3": first, "steps_2_3_replayed": again, "metrics_identical": first == again,
+        "state_identical": not diff and want.keys() == got.keys(), "state_diff": diff,
+        "model_params_max_abs_diff": param_diff,
+    })
+    for key in ("optimizer", "checkpoint_bytes", "save_seconds", "load_seconds", "metrics_identical", "state_identical",
+                "model_params_max_abs_diff"):
+        value = result[key]
+        print(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
+    return result["metrics_identical"] and result["state_identical"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("train", "offload"), default="train")
+    parser.add_argument("--mode", choices=("train", "offload", "resume"), default="train")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--seqs", type=int, default=None, help="sequences per step (GPU 32, CPU 8)")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=None, help="min max (GPU 128 512, CPU 4 12)")
@@ -337,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload-layers", type=int, default=4)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if args.mode == "offload":
+    if args.mode in ("offload", "resume"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS handle
     import torch
 
@@ -350,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, on_gpu if gpu else on_cpu)
     args.prompt_len, args.response_len = tuple(args.prompt_len), tuple(args.response_len)
-    body = train_body if args.mode == "train" else offload_body
-    name = "train_gpu" if args.mode == "train" else "offload_gpu"
+    body = {"train": train_body, "offload": offload_body, "resume": resume_body}[args.mode]
+    name = {"train": "train_gpu", "offload": "offload_gpu", "resume": "resume_gpu"}[args.mode]
     return run_check(name, args.out, lambda result: body(result, args), needs_gpu=gpu)
 
 

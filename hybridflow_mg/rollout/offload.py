@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hybridflow_mg.utils.optim import torch_optimizers
+
 log = logging.getLogger(__name__)
 
 
@@ -113,8 +115,3 @@ class TrainingStateOffloader:
         self._saved.clear()
         return moved
 
-
-def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    """The torch optimizers inside megatron-core's wrappers (a ChainedOptimizer holds several)."""
-    parts = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [getattr(part, "optimizer", part) for part in parts]

@@ -1,0 +1,77 @@
+"""Checkpoint directories (checkpoint/training.py) without processes: atomic commit, verification, the
+choice of the newest complete one, pruning; and the optimizer-state seam for torch Adam's step."""
+import json
+
+import pytest
+import torch
+
+from hybridflow_mg.checkpoint import training
+
+
+def _write(root, name, step, files=("a.bin",)):
+    directory = root / name
+    tmp = training.start_partial(directory)
+    for f in files:
+        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / f).write_bytes(b"x" * (10 + step))
+    return training.commit(directory, step=step, info={"world": 1})
+
+
+def test_a_checkpoint_appears_only_complete_and_replaces_its_namesake_after(tmp_path):
+    root = tmp_path / "checkpoints"
+    d = _write(root, "step_2", 2, files=("a.bin", "model/b.bin"))
+    marker = training.verify(d)
+    assert marker["step"] == 2 and marker["files"] == {"a.bin": 12, "model/b.bin": 12}
+    assert not training.partial_dir(d).exists()
+    tmp = training.start_partial(root / "final")  # a save killed halfway: a partial directory only
+    (tmp / "a.bin").write_bytes(b"half")
+    assert training.complete(root) == [(2, d)]
+    again = _write(root, "step_2", 3)  # a complete successor replaces it
+    assert training.read_marker(again)["step"] == 3 and not (root / "step_2.old").exists()
+    assert training.remove_partial(root) == [training.partial_dir(root / "final")]
+
+
+def test_newest_first_final_last_and_pruning_keeps_final(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _write(root, f"step_{step}", step)
+    _write(root, "final", 6)
+    assert [d.name for _, d in training.complete(root)] == ["step_2", "step_4", "step_6", "final"]
+    gone = training.prune(root, keep_last=2)
+    assert [d.name for d in gone] == ["step_2"] and (root / "final").is_dir()
+    assert training.prune(root, keep_last=0) == []
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "a.bin").write_bytes(b"cut"), "has 3 bytes, 12 were written (truncated?)"),
+    (lambda d: (d / "a.bin").unlink(), "is missing a.bin"),
+    (lambda d: (d / training.MARKER).write_text("[]"), "is corrupt"),
+    (lambda d: (d / training.MARKER).write_text(json.dumps({"format": "other", "step": 1})), "is corrupt"),
+    (lambda d: (d / training.MARKER).unlink(), "is not a complete training checkpoint"),
+])
+def test_a_damaged_checkpoint_is_one_line(tmp_path, damage, message):
+    d = _write(tmp_path, "step_2", 2)
+    damage(d)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")) as info:
+        training.verify(d)
+    assert "\n" not in str(info.value)
+    if "corrupt" in message or "complete" in message:
+        assert training.complete(tmp_path) == []  # `auto` skips it; named, it is an error
+
+
+def test_adam_steps_shared_by_a_loader_are_unshared():
+    """megatron-core 0.19's distributed optimizer hands every parameter one step tensor when it loads for
+    torch Adam; torch's Adam would then count each step once per parameter."""
+    from hybridflow_mg.checkpoint.optimizer_state import _unshare_adam_steps
+
+    params = [torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))]
+    adam = torch.optim.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    adam.step()
+    shared = torch.tensor(1.0)
+    for p in params:
+        adam.state[p]["step"] = shared
+    _unshare_adam_steps(adam)
+    adam.step()
+    assert [float(adam.state[p]["step"]) for p in params] == [2.0, 2.0]
