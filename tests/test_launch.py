@@ -68,3 +68,19 @@ def test_inconsistent_variables_fail_with_one_line(env, message):
     with pytest.raises(LaunchError, match=message) as err:
         discover(env)
     assert "\n" not in str(err.value)
+
+
+def test_local_launch_passes_our_arguments_through_and_decides_the_job_status(tmp_path):
+    from hybridflow_mg.parallel.local_launch import EXIT_RESUMABLE, _verdict, without_nproc
+
+    argv = ["generate", "--nproc", "2", "--hf", "m", "--n", "4", "--nproc=3", "--prompts", "p.jsonl"]
+    assert without_nproc(argv) == ["generate", "--hf", "m", "--n", "4", "--prompts", "p.jsonl"]
+    assert _verdict([(0, 1.0), (0, 2.0)], tmp_path) == (0, None)
+    assert _verdict([(EXIT_RESUMABLE, 1.0), (EXIT_RESUMABLE, 1.1)], tmp_path) == (EXIT_RESUMABLE, None)
+    assert _verdict([(0, 1.0), (-9, 2.0)], tmp_path) == (1, "rank 1 was killed by SIGKILL; the other ranks were stopped")
+    (tmp_path / "rank_1").write_text("RuntimeError: boom")
+    (tmp_path / "rank_0").write_text("RuntimeError: a peer closed the connection")
+    assert _verdict([(1, 5.0), (1, 4.0)], tmp_path) == (1, "rank 1: RuntimeError: boom")  # the first to fail
+    (tmp_path / "rank_0").write_text("bad key")
+    (tmp_path / "rank_1").write_text("bad key")
+    assert _verdict([(2, 1.0), (2, 1.0)], tmp_path) == (2, "bad key")  # bad input: said once, no rank
