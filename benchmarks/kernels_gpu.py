@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout this script sits in
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_common import cuda_times_ms  # noqa: E402
 from hybridflow_mg.reshard import kernels  # noqa: E402
 from hybridflow_mg.reshard.kernels import DEFAULT_TILE_ELEMS, DTYPE_CODES, CopyProgram, load_extension  # noqa: E402
 
@@ -154,18 +156,8 @@ def special_values(numel: int, dtype: torch.dtype, gen: torch.Generator) -> torc
 
 
 def time_ms(fn, iters: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms per call from CUDA events, after `warmup` untimed calls (gpu_common.cuda_times_ms)."""
+    return statistics.median(cuda_times_ms(fn, iters, warmup))
 
 
 def bits(x: torch.Tensor) -> torch.Tensor:
