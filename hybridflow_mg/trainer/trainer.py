@@ -110,7 +110,11 @@ class Trainer:
 
     # --- the run -------------------------------------------------------------------------------------------
     def setup(self):
-        """Build the run's parts on every rank (collective); idempotent. Returns `self.run`."""
+        """Build the run's parts on every rank (collective); idempotent. Returns `self.run`.
+
+        With `trainer.resume` pointing at a checkpoint (by default the newest complete one of the run
+        directory), the models are built from its weights and the rest of the training state is
+        loaded: `self.step` is then the checkpoint's step."""
         if self._closed:
             raise RuntimeError("this Trainer was closed; build a new one")
         if self.run is None:
@@ -136,9 +140,11 @@ class Trainer:
         return self._rank == 0
 
     def fit(self) -> dict[str, float]:
-        """Everything `hybridflow-mg train` does: setup, warm start (when configured), RL steps with
-        validation and checkpoints, the final save, the printed curves, close. Returns the last step's
-        metrics."""
+        """Everything `hybridflow-mg train` does: setup (resuming when there is a checkpoint), warm start
+        (when configured, on a fresh run), RL steps with validation and checkpoints, the final save, the
+        printed curves, close. Returns the last step's metrics. A run that already reached
+        `trainer.total_steps` says so and returns; a signal (SIGTERM, SIGUSR1, SIGINT) or the deadline
+        ends it after the current step with a checkpoint and sets `self.preempted`."""
         from hybridflow_mg.trainer.preemption import Preemption
 
         run = self.setup()
@@ -187,10 +193,9 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One RL step (validation first when due), logged, with callbacks and the periodic checkpoint."""
-        from hybridflow_mg.trainer.loop import rl_step
-
         from hybridflow_mg.checkpoint.training import step_name
         from hybridflow_mg.parallel import faults
+        from hybridflow_mg.trainer.loop import rl_step
 
         run, cfg = self.setup(), self.config
         step = self.step + 1
