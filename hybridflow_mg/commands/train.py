@@ -50,7 +50,7 @@ def run(args) -> int:
     if args.nproc and discover().world_size == 1:
         from hybridflow_mg.commands.config import layout_of
         from hybridflow_mg.parallel.local_launch import launch_local, without_nproc
-        from hybridflow_mg.trainer.setup import check_batch_split
+        from hybridflow_mg.trainer.config import check_batch_split
 
         check_batch_split(cfg, layout_of(cfg, args.nproc).dp)
         return launch_local(args.nproc, without_nproc(args.argv))

@@ -229,3 +229,11 @@ class TrainConfig:
             raise ValueError("model.path (an HF directory) or model.synthetic is required")
         if self.model.synthetic is None and not self.data.train_files:
             raise ValueError("data.train_files is empty; list parquet/jsonl prompt files")
+
+
+def check_batch_split(cfg: TrainConfig, dp: int) -> None:
+    """Each data-parallel rank gets the same whole number of prompts, enough for every mini-batch."""
+    per_rank, rest = divmod(cfg.data.prompts_per_step, dp)
+    if rest or per_rank < max(cfg.actor.mini_batches, cfg.critic.mini_batches):
+        raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be a multiple of the data-parallel "
+                         f"size {dp}, with at least actor/critic mini_batches prompts per rank")

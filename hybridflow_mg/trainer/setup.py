@@ -26,7 +26,7 @@ from hybridflow_mg.rollout.hybrid_engine import HybridEngine
 from hybridflow_mg.rollout.vllm_engine import VLLMEngine
 from hybridflow_mg.trainer.bootstrap import prepare_run, run_dir
 from hybridflow_mg.trainer.checkpoint import find_resume, weights_source
-from hybridflow_mg.trainer.config import TrainConfig
+from hybridflow_mg.trainer.config import TrainConfig, check_batch_split
 from hybridflow_mg.trainer.workers import ModelWorker
 
 
@@ -75,14 +75,6 @@ def _load(grid, spec: ModelSpec, source, role: str, cfg: TrainConfig, *, skip=()
     load_into_model(chunks, source, tp=grid.layout.tp, tp_rank=grid.train.tp, pp=grid.layout.pp,
                     pp_rank=grid.train.pp, vpp=grid.layout.vpp, naming=built.naming, skip=skip)
     return chunks, built.naming
-
-
-def check_batch_split(cfg: TrainConfig, dp: int) -> None:
-    """Each data-parallel rank gets the same whole number of prompts, enough for every mini-batch."""
-    per_rank, rest = divmod(cfg.data.prompts_per_step, dp)
-    if rest or per_rank < max(cfg.actor.mini_batches, cfg.critic.mini_batches):
-        raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be a multiple of the data-parallel "
-                         f"size {dp}, with at least actor/critic mini_batches prompts per rank")
 
 
 def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
