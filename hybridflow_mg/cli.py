@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.run(args) or 0)
+    except BrokenPipeError:  # `... | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # noqa: BLE001 - every failure becomes one line (HYBRIDFLOW_DEBUG=1: the traceback)
         return _fail(e)
 

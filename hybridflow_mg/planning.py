@@ -137,6 +137,15 @@ class PlanOptions:
     """Sequences per training micro-batch, for the activation estimate."""
     gpus_per_node: int = 8
     """Consecutive ranks per node; a micro-DP group inside one node uses NVLink."""
+    sleep_mode: bool = False
+    """vLLM sleep mode: the KV cache is freed while training, so activations and KV cache take turns
+    instead of sharing the GPU (`rollout.enable_sleep_mode`)."""
+    offload_during_rollout: bool = False
+    """With sleep mode: the training state (weights, gradients, optimizer states of every role) waits in
+    host memory while vLLM generates (`trainer.offload_during_rollout`), so the KV cache gets its room."""
+    min_kv_tokens: int = 1
+    """The plan fits only when a generation replica's KV cache holds this many tokens (one sequence of
+    the run's longest prompt + response: vLLM refuses to start with less)."""
     nvlink_gbps: float = 370.0
     """NVLink NCCL bus bandwidth, GB/s."""
     ib_gbps: float = 50.0
@@ -210,8 +219,17 @@ def stage_memory(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions, stag
     else:
         activations, reserve = None, int(opt.reserve_gib * GIB)
     gpu = int(opt.gpu_memory_gib * GIB)
+    overhead = reserve - (activations or 0)
+    training_state = resident - parts["gen_weights"]
+    if opt.sleep_mode:  # KV cache and activations take turns; with offload the training state leaves too
+        kv_cache = gpu - parts["gen_weights"] - overhead - (0 if opt.offload_during_rollout else training_state)
+        training = training_state + (activations or 0) + overhead
+    else:  # the KV cache stays allocated through training: sized to what is left beside everything
+        kv_cache = gpu - resident - reserve
+        training = resident + reserve
+    phases = {"training": training, "switch": resident + overhead, "generation": gpu - kv_cache}
     return {"stage": stage, "params": numel, "bytes": parts, "resident": resident, "left": gpu - resident,
-            "activations": activations, "reserve": reserve, "kv_cache": gpu - resident - reserve}
+            "activations": activations, "reserve": reserve, "kv_cache": kv_cache, "phases": phases}
 
 
 def kv_bytes_per_token(dims: ModelDims, gen_tp: int, kv_bytes: int) -> int:
@@ -303,6 +321,9 @@ def make_plan(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions) -> dict
     overhead = int(OVERHEAD_GIB * GIB) if opt.reserve_gib is None else worst["reserve"]
     sleeping = min(s["left"] for s in stages) - overhead
     numel = model_numel(dims)
+    gpu = int(opt.gpu_memory_gib * GIB)
+    peaks = {phase: max(s["phases"][phase] for s in stages) for phase in ("training", "switch")}
+    kv_fits = worst["kv_cache"] >= opt.min_kv_tokens * per_token
     return {
         "model": {"family": spec.family, "params": numel, "layers": dims.num_layers, "hidden": dims.hidden_size,
                   "heads": dims.num_heads, "kv_heads": dims.num_kv_heads, "head_dim": dims.head_dim,
@@ -319,7 +340,9 @@ def make_plan(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions) -> dict
         "kv": {"bytes_per_token_per_rank": per_token, "budget": max(0, worst["kv_cache"]),
                "tokens_per_replica": max(0, worst["kv_cache"]) // per_token,
                "tokens_per_replica_if_sleeping": max(0, sleeping) // per_token,
-               "fits": worst["kv_cache"] > 0},
+               "min_tokens": opt.min_kv_tokens, "fits": kv_fits},
+        "peaks": peaks,
+        "fits": kv_fits and all(v <= gpu for v in peaks.values()),
         "reshard": traffic(layout, numel * opt.bytes_of("gen"), opt),
     }
 
@@ -378,13 +401,23 @@ def render(plan: dict) -> str:
                  f"{kv_heads} KV head{'s' if kv_heads > 1 else ''}·{m['head_dim']}·{DTYPE_BYTES[opt['kv_dtype']]} B)")
     lines.append(f"  {'':<20}{'':8}   with vLLM sleep mode freeing the KV cache during training: "
                  f"{kv['tokens_per_replica_if_sleeping']:,} tokens")
-    if not kv["fits"]:
+    mode = ("vLLM sleeps while training; the training state is offloaded while generating"
+            if opt["sleep_mode"] and opt["offload_during_rollout"] else
+            "vLLM sleeps while training (KV cache freed)" if opt["sleep_mode"] else "no sleep mode, nothing offloaded")
+    peaks, gpu = plan["peaks"], mem["gpu"]
+    lines.append(f"  phases ({mode}): training peak {peaks['training'] / GIB:.2f}, train→generation switch "
+                 f"{peaks['switch'] / GIB:.2f}, generation {mem['phases']['generation'] / GIB:.2f} + KV cache")
+    if not plan["fits"]:
         hint = "" if opt["distributed_optimizer"] else ", use the distributed optimizer"
-        lines.append(f"  DOES NOT FIT: no room for a KV cache; raise tp, pp or dp{hint}, or drop a model")
+        why = (f"the KV cache holds fewer than the {kv['min_tokens']:,} tokens of one sequence" if not kv["fits"]
+               else f"the {max(peaks, key=peaks.get)} peak exceeds {gpu / GIB:.2f} GiB")
+        if not (opt["sleep_mode"] and opt["offload_during_rollout"]):
+            hint += ", turn on sleep mode and offload"
+        lines.append(f"  DOES NOT FIT: {why}; raise tp, pp or dp{hint}, shorten the micro-batches, or drop a model")
     lines += [f"  HybridFlow builds the generation shard around the training shard (redundant copy 0); our vLLM "
               f"parameters are separate tensors,",
               f"  so the training shard ({mem['bytes']['actor_weights'] / GIB:.2f} GiB) and the generation shard "
-              f"({mem['bytes']['gen_weights'] / GIB:.2f} GiB) both live. Nothing is offloaded.",
+              f"({mem['bytes']['gen_weights'] / GIB:.2f} GiB) both live.",
               "",
               f"reshard per rank, one transition (M = {rs['model_bytes'] / GB:.2f} GB in {gdt}; GB = 1e9 B, "
               f"time = bytes / bus bandwidth)",

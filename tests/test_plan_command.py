@@ -188,3 +188,38 @@ def test_unsupported_architecture(tmp_path):
     assert proc.returncode != 0 and proc.stderr.strip() == \
         "hybridflow-mg: error: unsupported architecture 'GPT2LMHeadModel': supported are Llama, Qwen2 and Mistral " \
         "(*ForCausalLM / *ForSequenceClassification)"
+
+
+# --- plan CONFIG: the model presets, checked against 80 GB GPUs ------------------------------------------
+PRESETS = [("llama3-8b-grpo", 8), ("qwen2.5-7b-grpo", 8), ("llama3-70b-tp8pp2", 64), ("llama3-70b-tp4pp4", 64)]
+
+
+@pytest.mark.parametrize("preset,gpus", PRESETS)
+def test_every_preset_fits_80gb_gpus(preset, gpus):
+    config = ROOT / "configs" / f"{preset}.yaml"
+    plan = plan_json(config, "--gpus", gpus, "--gpu-memory", "80GB")
+    assert plan["fits"] and plan["kv"]["fits"]
+    assert plan["layout"]["world"] == gpus
+    longest = plan["options"]["min_kv_tokens"]
+    assert plan["kv"]["tokens_per_replica"] >= longest  # a whole longest sequence fits a replica's KV cache
+    assert max(plan["peaks"].values()) <= 80 * GIB
+    assert plan["options"]["with_ref"] and not plan["options"]["with_critic"]  # GRPO with KL in the loss
+    text = cli("plan", config, "--gpus", gpus, "--gpu-memory", "80GB")
+    assert text.returncode == 0 and "DOES NOT FIT" not in text.stdout and "training peak" in text.stdout
+
+
+def test_the_70b_presets_reshard_at_their_minimum():
+    tp8pp2 = plan_json(ROOT / "configs" / "llama3-70b-tp8pp2.yaml", "--gpus", 64)
+    assert tp8pp2["reshard"]["formula_recv_fraction"] == "1/16"  # (d_g − 1)/(t·p) with d_g = 2, t·p = 16
+    assert tp8pp2["layout"]["train"] == {"tp": 8, "pp": 2, "dp": 4, "vpp": 1}
+    tp4pp4 = plan_json(ROOT / "configs" / "llama3-70b-tp4pp4.yaml", "--gpus", 64)
+    assert tp4pp4["layout"]["train"] == {"tp": 4, "pp": 4, "dp": 4, "vpp": 1} and tp4pp4["layout"]["gen"]["tp"] == 8
+
+
+def test_a_preset_that_does_not_fit_is_one_line_and_status_2():
+    config = ROOT / "configs" / "llama3-8b-grpo.yaml"
+    proc = cli("plan", config, "parallel.train.tp=1", "parallel.gen.tp=1", "--gpus", 8, "--gpu-memory", "80GB")
+    assert proc.returncode == 2 and "DOES NOT FIT: the training peak exceeds 80.00 GiB" in proc.stdout
+    assert proc.stderr.strip() == (f"hybridflow-mg: error: {config} does not fit 8 GPUs of 80 GiB: see DOES NOT FIT "
+                                   "above; change parallel.train / parallel.gen or the lengths")
+    assert cli("plan", config).returncode == 2  # --gpus is needed with a config

@@ -1,5 +1,14 @@
 """`hybridflow-mg plan`: per-GPU memory and reshard traffic for a model and a layout, without a GPU.
 
+    hybridflow-mg plan configs/llama3-70b-tp8pp2.yaml --gpus 64 --gpu-memory 80GB      # a training config
+    hybridflow-mg plan --hf-config FILE --train tp=8,pp=2,dp=4 --gen tp=8             # a model and layouts
+
+From a training config, everything is read from it: the model's HF config (`model.hf_config`, else
+`model.path`/config.json), the layouts (dp = GPUs / (tp·pp)), dtypes, which roles the algorithm
+builds, sequence lengths and micro-batch tokens, sleep mode and offload; the plan then fits only if
+a generation replica's KV cache holds one longest sequence (prompt + response) and the training and
+switch peaks fit the GPU. A plan that does not fit prints its report and exits 2 with one line.
+
 Pure arithmetic from the HF config.json (no torch, megatron-core or vLLM is imported): exact shard
 sizes per pipeline stage, actor weights / gradients / Adam states, the vLLM generation shard,
 optional critic and reference models, what is left for activations and the KV cache, and the
@@ -20,8 +29,11 @@ from hybridflow_mg.planning import DTYPE_BYTES, PlanOptions, make_plan, render
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="per-GPU memory and reshard traffic for a model and layout (no GPU needed)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-config", required=True, metavar="FILE", help="HF config.json (or its directory)")
-    p.add_argument("--train", required=True, metavar="tp=T,pp=P,dp=D[,vpp=V]", help="training layout")
+    p.add_argument("config", nargs="?", help="a training config (YAML preset); or give --hf-config and --train")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the training config")
+    p.add_argument("--gpus", type=int, help="with a training config: the number of GPUs (the world size)")
+    p.add_argument("--hf-config", metavar="FILE", help="HF config.json (or its directory)")
+    p.add_argument("--train", metavar="tp=T,pp=P,dp=D[,vpp=V]", help="training layout")
     p.add_argument("--gen", default="", metavar="tp=TG", help="generation layout (default: tp as training)")
     dtypes = [d for d in DTYPE_BYTES if d != "fp8"]
     p.add_argument("--params-dtype", default="bf16", choices=dtypes, help="training weights (default bf16)")
@@ -33,7 +45,8 @@ def add_parser(sub) -> None:
                    help="shard Adam states over dp (default on)")
     p.add_argument("--with-critic", action="store_true", help="a critic (trunk + value head) trained on the same GPUs")
     p.add_argument("--with-ref", action="store_true", help="a reference model (weights only) on the same GPUs")
-    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory per GPU (default 80)")
+    p.add_argument("--gpu-memory", type=_gib, default=80.0, metavar="GIB",
+                   help="memory per GPU in GiB, e.g. 80 or 80GB (a GPU's GB are GiB: an H100 80GB has 80 GiB)")
     p.add_argument("--reserve-gib", type=float, metavar="GIB",
                    help="keep this out of the KV cache instead of the activation + overhead estimate")
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per training sequence (activation estimate)")
@@ -43,6 +56,14 @@ def add_parser(sub) -> None:
     p.add_argument("--ib-gbps", type=float, default=50.0, help="InfiniBand per GPU, GB/s (default 50)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
+
+
+def _gib(text: str) -> float:
+    raw = text.strip().upper().removesuffix("B").removesuffix("I").removesuffix("G")
+    try:
+        return float(raw)  # its range is PlanOptions' to check, with a one-line error
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size like 80 or 80GB") from None
 
 
 def layout_from_args(train: str, gen: str) -> ParallelLayout:
@@ -55,14 +76,51 @@ def layout_from_args(train: str, gen: str) -> ParallelLayout:
 
 
 def run(args) -> int:
-    layout = layout_from_args(args.train, args.gen)
-    spec = spec_from_hf(read_hf_config(args.hf_config), head="lm")
-    options = PlanOptions(
-        params_dtype=args.params_dtype, grad_dtype=args.grad_dtype, gen_dtype=args.gen_dtype, kv_dtype=args.kv_dtype,
-        distributed_optimizer=args.distributed_optimizer, with_critic=args.with_critic, with_ref=args.with_ref,
-        gpu_memory_gib=args.gpu_memory, reserve_gib=args.reserve_gib, seq_len=args.seq_len,
-        micro_batch=args.micro_batch, gpus_per_node=args.gpus_per_node, nvlink_gbps=args.nvlink_gbps,
-        ib_gbps=args.ib_gbps)
+    if args.config is not None:
+        spec, layout, options = from_train_config(args)
+    else:
+        if not args.hf_config or not args.train:
+            raise ValueError("give a training config (plan CONFIG --gpus N) or --hf-config FILE and --train tp=,pp=,dp=")
+        layout = layout_from_args(args.train, args.gen)
+        spec = spec_from_hf(read_hf_config(args.hf_config), head="lm")
+        options = PlanOptions(
+            params_dtype=args.params_dtype, grad_dtype=args.grad_dtype, gen_dtype=args.gen_dtype,
+            kv_dtype=args.kv_dtype, distributed_optimizer=args.distributed_optimizer, with_critic=args.with_critic,
+            with_ref=args.with_ref, gpu_memory_gib=args.gpu_memory, reserve_gib=args.reserve_gib,
+            seq_len=args.seq_len, micro_batch=args.micro_batch, gpus_per_node=args.gpus_per_node,
+            nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps)
     plan = make_plan(spec, layout, options)
     print(json.dumps(plan, indent=1) if args.json else render(plan))
+    if args.config is not None and not plan["fits"]:
+        raise ValueError(f"{args.config} does not fit {args.gpus} GPUs of {args.gpu_memory:g} GiB: "
+                         f"see DOES NOT FIT above; change parallel.train / parallel.gen or the lengths")
     return 0
+
+
+def from_train_config(args) -> tuple:
+    """(spec, layout, options) for `plan CONFIG --gpus N`: every assumption read from the training config."""
+    import os
+
+    from hybridflow_mg.config.load import load_config
+    from hybridflow_mg.trainer.config import TrainConfig
+
+    if not args.gpus or args.gpus < 1:
+        raise ValueError("plan CONFIG needs --gpus N, the number of GPUs the run will use")
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    source = cfg.model.hf_config or (os.path.join(cfg.model.path, "config.json") if cfg.model.path else None)
+    if source is None:
+        raise ValueError(f"{args.config}: plan needs the model's HF config: set model.hf_config (or model.path)")
+    spec = spec_from_hf(read_hf_config(source), head="lm", vocab_divisor=cfg.model.vocab_divisor)
+    t, g = cfg.parallel.train, cfg.parallel.gen
+    layout = ParallelLayout.create(world=args.gpus, tp=t.tp, pp=t.pp, vpp=t.vpp, dp=t.dp, gen_tp=g.tp, gen_pp=g.pp)
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    longest = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    needs = cfg.algo.needs
+    options = PlanOptions(
+        params_dtype=dtype[cfg.model.dtype], gen_dtype=dtype[cfg.rollout.dtype] if cfg.rollout.dtype in dtype else None,
+        distributed_optimizer=True, with_critic="values" in needs, with_ref="ref_logprobs" in needs,
+        gpu_memory_gib=args.gpu_memory, seq_len=longest, micro_batch=max(1, cfg.actor.micro_batch_tokens // longest),
+        gpus_per_node=args.gpus_per_node, nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps,
+        sleep_mode=cfg.rollout.enable_sleep_mode, offload_during_rollout=cfg.trainer.offload_during_rollout,
+        min_kv_tokens=longest)
+    return spec, layout, options

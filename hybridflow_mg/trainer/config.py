@@ -62,6 +62,9 @@ class ModelConfig:
     """HF directory of the critic; left out, the critic starts from the actor's weights with a zero head."""
     reward_model_path: str | None = None
     """HF *ForSequenceClassification directory of a reward model; left out, rule rewards only."""
+    hf_config: str | None = None
+    """An HF config.json of `path`'s model, for `hybridflow-mg plan CONFIG` on a machine without the
+    weights (the presets point at configs/models/*.json); a run reads `path`'s own config."""
     synthetic: SyntheticModelConfig | None = None
     """Make a tiny random model and a synthetic task in the run directory instead of loading `path`."""
     layer_spec: Literal["auto", "local", "te", "sdpa"] = "auto"
