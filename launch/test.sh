@@ -4,6 +4,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 bash launch/setup.sh
+# A real one-node SLURM for tests/test_slurm.py (apt, idempotent); without it those tests skip with a reason.
+bash launch/slurm/local_cluster.sh install || echo "[test] slurm-wlm/munge could not be installed: the SLURM tests will skip"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # pytest exits 5 when it collected no test; that is a failure here, as is any other non-zero code.
 exec .venv/bin/python -m pytest tests -q -ra "$@"

@@ -71,8 +71,9 @@ class _RemaxCheck(Callback):
 @rank_check
 def remax_runs_three_steps_and_uses_the_greedy_score_as_baseline():
     check = _RemaxCheck()
-    trainer = _trainer("remax", "algo.advantage.estimator=remax", "trainer.total_steps=3", "actor.warm_start.steps=150",
-                       callbacks=[check])
+    # partial credit by answer length: scores and greedy baselines vary from the start, no long warm start needed
+    trainer = _trainer("remax", "algo.advantage.estimator=remax", "trainer.total_steps=3", callbacks=[check],
+                       reward_fn=lambda solution, ground_truth, **_: 1.0 / (1 + abs(len(solution) - len(ground_truth))))
     trainer.fit()
     assert check.checked > 0
     if dist.get_rank() == 0:
