@@ -26,7 +26,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library warnings that repeat on every rank and ask nothing of the user (CPU fallbacks, deprecations
+# inside megatron-core and vLLM); HYBRIDFLOW_DEBUG=1 shows them again.
+QUIET_WARNINGS = (
+    "Transformer Engine and Apex are not installed", "Apex is not installed", "full scope is deprecated",
+    "When using async grad allreduce", "`torch.distributed.reduce_op` is deprecated",
+)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    if os.environ.get("HYBRIDFLOW_DEBUG"):
+        return
+    for text in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=f".*{text}")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's per-rank NUMA notes; its errors stay
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)

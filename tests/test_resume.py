@@ -70,6 +70,8 @@ def test_kill9_during_step_4_then_resume_is_bit_identical(straight):
     mine, theirs = _optimizer_tensors(final / "optim" / "actor"), _optimizer_tensors(straight_final / "optim" / "actor")
     assert mine.keys() == theirs.keys() and len(mine) > 10
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+    done = trainrun.run(out, "killed", *ADAPTIVE_KL)  # once more: nothing is left to do, and nothing is started
+    assert done.returncode == 0 and done.stdout.startswith(f"run {run_dir} already finished at step 6 ({final})")
 
 
 def test_resume_at_another_layout(straight):

@@ -49,6 +49,12 @@ def run(args) -> int:
     preflight(cfg)
     if args.nproc and discover().world_size == 1:
         from hybridflow_mg.commands.config import layout_of
+        from hybridflow_mg.trainer.bootstrap import finished
+
+        done = finished(cfg)
+        if done:  # nothing to launch
+            print(done)
+            return 0
         from hybridflow_mg.parallel.local_launch import launch_local, without_nproc
         from hybridflow_mg.trainer.config import check_batch_split
 

@@ -78,7 +78,7 @@ def import_vllm():
             log.warning("%s=%s would start vLLM's engine in a child process; setting it to %s", key, os.environ[key], value)
         os.environ[key] = value
     # vLLM logs every prefix-cache reset (each weight update) at INFO; the trainer's own metrics say more
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings repeat on every rank; errors stay
     with preserved_process_state():
         try:
             import vllm

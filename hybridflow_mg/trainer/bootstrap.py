@@ -1,5 +1,6 @@
 """The run directory and, for the CPU quickstart, the synthetic task and a tiny random model.
 
+`finished(cfg)` tells, from the checkpoints' markers alone, whether a rerun has anything to do.
 `prepare_run` runs on the logging rank before anyone builds models: it creates the run directory,
 writes the resolved config, and (with `model.synthetic`) writes the task's parquet files, a
 sentencepiece tokenizer, and a tiny random Llama with that tokenizer as an HF directory. Every rank
@@ -65,3 +66,30 @@ def _synthetic(cfg, out: Path):
     torch.manual_seed(cfg.run.seed)
     transformers.LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
     return synthetic_paths(cfg)
+
+
+def finished(cfg) -> str | None:
+    """When the checkpoint `trainer.resume` would continue from has already reached `trainer.total_steps`,
+    the line to print instead of training (nothing is built or written); else None. Reads markers only,
+    so every rank, and the launcher before it starts any, gets the same answer."""
+    from hybridflow_mg.checkpoint import training
+
+    root = run_dir(cfg) / "checkpoints"
+    mode = cfg.trainer.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = training.complete(root)
+        if not found:
+            return None
+        step, path = found[-1]
+    else:
+        try:
+            path = Path(mode)
+            step = training.read_marker(path)["step"]
+        except ValueError:
+            return None  # setup reports what is wrong with it
+    if step < cfg.trainer.total_steps:
+        return None
+    return (f"run {run_dir(cfg)} already finished at step {step} ({path}); raise trainer.total_steps above {step} "
+            "to train on, or set trainer.resume=never (into another run.name) to start again")

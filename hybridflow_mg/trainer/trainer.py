@@ -145,16 +145,18 @@ class Trainer:
         printed curves, close. Returns the last step's metrics. A run that already reached
         `trainer.total_steps` says so and returns; a signal (SIGTERM, SIGUSR1, SIGINT) or the deadline
         ends it after the current step with a checkpoint and sets `self.preempted`."""
+        from hybridflow_mg.trainer.bootstrap import finished
         from hybridflow_mg.trainer.preemption import Preemption
 
+        done = finished(self.config) if self.run is None else None
+        if done:  # a rerun of a finished run: nothing to build or write
+            if self.is_logging_rank:
+                print(done, flush=True)
+            self.close()
+            return self.metrics
         run = self.setup()
         cfg = self.config
         try:
-            if self.step >= cfg.trainer.total_steps:  # a rerun of a finished run
-                if self.is_logging_rank:
-                    print(f"run {run.run_dir} already finished at step {self.step} ({run.resume}); raise "
-                          "trainer.total_steps to train on, or set trainer.resume=never to start again", flush=True)
-                return self.metrics
             with Preemption(run.grid.device, cfg.trainer.save_before_deadline) as preemption:
                 self._call("on_train_start", self)
                 if cfg.actor.warm_start.steps and self.step == 0:
