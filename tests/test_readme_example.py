@@ -38,7 +38,7 @@ def test_readme_example_trains_and_logs_its_evaluator(tmp_path, nproc):
                                                          "MASTER_PORT")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    run = tmp_path / "runs" / "quickstart"
+    run = tmp_path / "runs" / "python_example"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     evaluated = [r["step"] for r in rows if "small_sums" in r]
