@@ -27,11 +27,12 @@ Memory model, per GPU, at the moment generation runs (everything below is reside
   ``OVERHEAD_GIB`` for CUDA context, cuBLAS / NCCL workspaces and allocator fragmentation (an
   allowance, not a measurement) plus the training activations of the actor's forward-backward —
   the KV cache is sized so that they fit beside it. Saved 16-bit activations per token per layer,
-  with sequence parallelism (every saved tensor split over t) and flash attention (no s² scores):
-  attention keeps the norm input, the qkv input, q/k/v and the attention output,
-  2h + 2·heads·head_dim + 2·kv_heads·head_dim values; the SwiGLU MLP keeps the norm input, the fc1
-  input, fc1's [gate; up] output and fc2's input, 2h + 3·ffn values (≈ 34·h bytes for Llama-3-70B,
-  matching Korthikanti et al. 2022). Stage s of a 1F1B pipeline holds p − s micro-batches of its L/p
+  with flash attention (no s² scores): attention keeps the norm input, the qkv input, q/k/v and the
+  attention output, 2h + 2·heads·head_dim + 2·kv_heads·head_dim values; the SwiGLU MLP keeps the norm
+  input, the fc1 input, fc1's [gate; up] output and fc2's input, 2h + 3·ffn values (≈ 34·h bytes for
+  Llama-3-70B, matching Korthikanti et al. 2022). Without sequence parallelism (the trainer's case)
+  the 4h of norm and linear inputs are whole on every TP rank and the rest is split over t; with it,
+  everything is split over t. Stage s of a 1F1B pipeline holds p − s micro-batches of its L/p
   layers (at least p micro-batches per step; interleaving: × (1 + (p−1)/(p·vpp))); the last stage
   also keeps two fp32 copies of its logits shard (the log-prob and its gradient). The critic updates
   after the actor; its peak (no vocab logits) is smaller. With vLLM sleep mode the KV cache is freed
@@ -65,6 +66,8 @@ GB = 10**9
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 OVERHEAD_GIB = 2.0
 """CUDA context, cuBLAS / NCCL workspaces and allocator fragmentation: an allowance per GPU."""
+VLLM_OVERHEAD_GIB = 1.0
+"""What vLLM keeps of its own budget besides weights and KV cache (its activations, sampler): an allowance."""
 
 
 # --- parameter counts ------------------------------------------------------------------------------
@@ -146,6 +149,13 @@ class PlanOptions:
     min_kv_tokens: int = 1
     """The plan fits only when a generation replica's KV cache holds this many tokens (one sequence of
     the run's longest prompt + response: vLLM refuses to start with less)."""
+    sequence_parallel: bool = False
+    """megatron-core sequence parallelism (every saved activation split over t). The trainer does not
+    turn it on, so by default the norm inputs and the inputs of qkv and fc1 are whole on every TP rank."""
+    gpu_memory_utilization: float | None = None
+    """vLLM's budget (weights, KV cache, its own activations) as a fraction of the GPU. vLLM refuses to
+    start unless that much is free when the engine is built, which is after the training models; the
+    KV cache gets what the budget leaves. None: no vLLM budget (the KV cache takes what is left)."""
     nvlink_gbps: float = 370.0
     """NVLink NCCL bus bandwidth, GB/s."""
     ib_gbps: float = 50.0
@@ -185,15 +195,16 @@ def _trained(numel: int, layout: ParallelLayout, opt: PlanOptions) -> dict[str, 
 def activation_bytes(dims: ModelDims, layout: ParallelLayout, stage: int, opt: PlanOptions) -> int:
     """Saved training activations of the actor on `stage` (see the module docstring for the model)."""
     q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
-    attention = 2 * dims.hidden_size + 2 * q + 2 * kv  # norm in, qkv in, q/k/v, attention out (= proj in)
-    mlp = 2 * dims.hidden_size + 3 * dims.ffn_hidden_size  # norm in, fc1 in, [gate; up], fc2 in
-    per_token_layer = (attention + mlp) * opt.bytes_of("params")  # activations in the params dtype
+    whole = 4 * dims.hidden_size  # the two norm inputs, qkv's and fc1's inputs: replicated over TP without SP
+    split = 2 * q + 2 * kv + 3 * dims.ffn_hidden_size  # q, k, v, attention out; [gate; up], fc2 in: split over t
+    per_token_layer = (Fraction(whole + split, layout.tp) if opt.sequence_parallel
+                       else whole + Fraction(split, layout.tp)) * opt.bytes_of("params")  # in the params dtype
     tokens = opt.seq_len * opt.micro_batch
     in_flight = Fraction(layout.pp - stage)
     if layout.vpp > 1:
         in_flight *= 1 + Fraction(layout.pp - 1, layout.pp * layout.vpp)
     layers = dims.num_layers // layout.pp
-    total = Fraction(per_token_layer * tokens * layers, layout.tp) * in_flight
+    total = per_token_layer * tokens * layers * in_flight
     if stage == layout.pp - 1:
         total += 2 * 4 * tokens * dims.padded_vocab("mcore", layout.tp) // layout.tp
     return int(total)
@@ -222,12 +233,17 @@ def stage_memory(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions, stag
     overhead = reserve - (activations or 0)
     training_state = resident - parts["gen_weights"]
     if opt.sleep_mode:  # KV cache and activations take turns; with offload the training state leaves too
-        kv_cache = gpu - parts["gen_weights"] - overhead - (0 if opt.offload_during_rollout else training_state)
+        generation = parts["gen_weights"] + overhead + (0 if opt.offload_during_rollout else training_state)
         training = training_state + (activations or 0) + overhead
     else:  # the KV cache stays allocated through training: sized to what is left beside everything
-        kv_cache = gpu - resident - reserve
-        training = resident + reserve
-    phases = {"training": training, "switch": resident + overhead, "generation": gpu - kv_cache}
+        generation = training = resident + reserve
+    kv_cache = gpu - generation
+    phases = {"training": training, "switch": resident + overhead}
+    if opt.gpu_memory_utilization is not None:  # vLLM's own budget, claimed when the engine is built
+        budget = int(opt.gpu_memory_utilization * gpu)
+        phases["engine_start"] = training_state + overhead + budget
+        kv_cache = min(kv_cache, budget - parts["gen_weights"] - int(VLLM_OVERHEAD_GIB * GIB))
+    phases["generation"] = generation  # without its KV cache
     return {"stage": stage, "params": numel, "bytes": parts, "resident": resident, "left": gpu - resident,
             "activations": activations, "reserve": reserve, "kv_cache": kv_cache, "phases": phases}
 
@@ -322,7 +338,7 @@ def make_plan(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions) -> dict
     sleeping = min(s["left"] for s in stages) - overhead
     numel = model_numel(dims)
     gpu = int(opt.gpu_memory_gib * GIB)
-    peaks = {phase: max(s["phases"][phase] for s in stages) for phase in ("training", "switch")}
+    peaks = {phase: max(s["phases"][phase] for s in stages) for phase in stages[0]["phases"] if phase != "generation"}
     kv_fits = worst["kv_cache"] >= opt.min_kv_tokens * per_token
     return {
         "model": {"family": spec.family, "params": numel, "layers": dims.num_layers, "hidden": dims.hidden_size,
@@ -351,6 +367,10 @@ def make_plan(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions) -> dict
 _LABELS = {"actor_weights": "actor weights", "actor_grads": "actor gradients", "actor_optimizer": "actor optimizer",
            "gen_weights": "generation weights", "ref_weights": "reference weights", "critic_weights": "critic weights",
            "critic_grads": "critic gradients", "critic_optimizer": "critic optimizer"}
+
+
+_PHASES = {"training": "training", "switch": "train→generation switch",
+           "engine_start": "vLLM engine start (lower rollout.gpu_memory_utilization)"}
 
 
 def _gib(n: float) -> str:
@@ -393,7 +413,8 @@ def render(plan: dict) -> str:
         lines.append(f"  {'reserve':<20}{_gib(mem['reserve'])}   --reserve-gib")
     else:
         lines.append(f"  {'reserve':<20}{_gib(mem['reserve'])}   training activations {mem['activations'] / GIB:.2f} "
-                     f"(seq {opt['seq_len']} × micro-batch {opt['micro_batch']}, sequence parallel, flash attention, "
+                     f"(seq {opt['seq_len']} × micro-batch {opt['micro_batch']}, "
+                     f"{'sequence parallel' if opt['sequence_parallel'] else 'no sequence parallelism'}, flash attention, "
                      f"1F1B) + {OVERHEAD_GIB:.2f} overhead")
     kv_heads = max(1, m["kv_heads"] // g["tp"])
     lines.append(f"  {'KV cache':<20}{_gib(mem['kv_cache'])}   → {kv['tokens_per_replica']:,} tokens per generation "
@@ -405,12 +426,14 @@ def render(plan: dict) -> str:
             if opt["sleep_mode"] and opt["offload_during_rollout"] else
             "vLLM sleeps while training (KV cache freed)" if opt["sleep_mode"] else "no sleep mode, nothing offloaded")
     peaks, gpu = plan["peaks"], mem["gpu"]
+    engine = (f", vLLM engine start {peaks['engine_start'] / GIB:.2f} (its budget "
+              f"{opt['gpu_memory_utilization']:g} × GPU, claimed after the training models)" if "engine_start" in peaks else "")
     lines.append(f"  phases ({mode}): training peak {peaks['training'] / GIB:.2f}, train→generation switch "
-                 f"{peaks['switch'] / GIB:.2f}, generation {mem['phases']['generation'] / GIB:.2f} + KV cache")
+                 f"{peaks['switch'] / GIB:.2f}{engine}, generation {mem['phases']['generation'] / GIB:.2f} + KV cache")
     if not plan["fits"]:
         hint = "" if opt["distributed_optimizer"] else ", use the distributed optimizer"
         why = (f"the KV cache holds fewer than the {kv['min_tokens']:,} tokens of one sequence" if not kv["fits"]
-               else f"the {max(peaks, key=peaks.get)} peak exceeds {gpu / GIB:.2f} GiB")
+               else f"the {_PHASES[max(peaks, key=peaks.get)]} peak exceeds {gpu / GIB:.2f} GiB")
         if not (opt["sleep_mode"] and opt["offload_during_rollout"]):
             hint += ", turn on sleep mode and offload"
         lines.append(f"  DOES NOT FIT: {why}; raise tp, pp or dp{hint}, shorten the micro-batches, or drop a model")

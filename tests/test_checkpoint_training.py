@@ -75,3 +75,34 @@ def test_adam_steps_shared_by_a_loader_are_unshared():
     _unshare_adam_steps(adam)
     adam.step()
     assert [float(adam.state[p]["step"]) for p in params] == [2.0, 2.0]
+
+
+def test_a_kill_between_the_renames_keeps_the_predecessor(tmp_path):
+    """commit renames X to X.old, then X.partial to X: killed in between, X.old comes back at the next start."""
+    root = tmp_path / "checkpoints"
+    d = _write(root, "final", 5)
+    tmp = training.start_partial(d)
+    (tmp / "a.bin").write_bytes(b"new")
+    d.rename(d.with_name("final.old"))  # the kill lands here
+    training.remove_partial(root)
+    assert [(s, p.name) for s, p in training.complete(root)] == [(5, "final")] and not tmp.exists()
+
+
+def test_a_fresh_start_over_an_earlier_run_needs_overwrite(tmp_path):
+    from hybridflow_mg.config.load import load_config
+    from hybridflow_mg.trainer.bootstrap import check_fresh_start, finished
+    from hybridflow_mg.trainer.config import TrainConfig
+
+    def cfg(*overrides):
+        return load_config(TrainConfig, "configs/quickstart.yaml", [f"run.output_dir={tmp_path}", *overrides])
+
+    run = tmp_path / "quickstart"
+    _write(run / "checkpoints", "final", 120)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert finished(cfg()).startswith(f"run {run} already finished at step 120")
+    assert finished(cfg("trainer.total_steps=200")) is None  # more steps asked for: it resumes
+    with pytest.raises(ValueError, match="holds the checkpoints of an earlier run .* set run.overwrite=true"):
+        check_fresh_start(cfg("trainer.resume=never"))
+    check_fresh_start(cfg("trainer.resume=auto"))  # nothing to refuse
+    check_fresh_start(cfg("trainer.resume=never", "run.overwrite=true"), clear=True)
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()

@@ -80,26 +80,29 @@ def test_llama70b_memory_by_hand():
     vllm_vocab_rows = VOCAB // t  # 128256 is already a multiple of 64
     gen = L * layer_shard + 2 * vllm_vocab_rows * H + H  # vLLM t_g=8: one KV head per rank, as Megatron
 
-    # saved activations per token per layer, 16-bit:
-    # norm in, qkv in, q, k, v, attention out; norm in, fc1 in, gate, up, fc2 in
-    act_token_layer = 2 * (H + H + HEADS * HD + 2 * KV * HD + HEADS * HD + H + H + 3 * FFN)
+    # saved activations per token per layer, 16-bit, without sequence parallelism (what the trainer runs):
+    # whole on every TP rank: norm in, qkv in; norm in, fc1 in. Split over t: q, k, v, attention out; gate, up, fc2 in
+    whole, split = 2 * (H + H + H + H), 2 * (HEADS * HD + 2 * KV * HD + HEADS * HD + 3 * FFN)
+    act_layers = (whole * t + split) * 4096 * 40 // t  # one micro-batch of 4096 tokens through 40 layers
     plan = plan_json(*LLAMA_ARGS)
     s0, s1 = plan["stages"]
     assert s0["params"] == {"actor": stage0, "gen": gen} and s1["params"]["actor"] == stage1
     assert s0["bytes"] == {"actor_weights": 2 * stage0, "actor_grads": 4 * stage0,
                            "actor_optimizer": 12 * stage0 // dp, "gen_weights": 2 * gen}
-    assert s0["activations"] == act_token_layer * 4096 * 40 // t * 2  # stage 0 of 1F1B: 2 micro-batches in flight
-    assert s1["activations"] == act_token_layer * 4096 * 40 // t + 2 * 4 * 4096 * mcore_vocab_rows  # + fp32 logits
+    assert s0["activations"] == act_layers * 2  # stage 0 of 1F1B: 2 micro-batches in flight
+    assert s1["activations"] == act_layers + 2 * 4 * 4096 * mcore_vocab_rows  # + fp32 logits
     kv_room = 80 * GIB - (2 + 4 + 3 + 0) * stage0 - 2 * gen - s0["activations"] - 2 * GIB
     mem, kv = plan["memory"], plan["kv"]
     assert mem["stage"] == 0 and mem["kv_cache"] == kv_room
     assert kv["bytes_per_token_per_rank"] == 2 * L * 1 * HD * 2 == 40960
-    assert kv["tokens_per_replica"] == kv_room // 40960
+    assert kv["tokens_per_replica"] == max(0, kv_room) // 40960  # without sleep mode this layout has no KV room left
     # ≈ 8.2 + 16.4 + 12.3 + 16.4 GiB resident; the report shows them
     text = cli("plan", *LLAMA_ARGS).stdout
     for gib in (2 * stage0, 4 * stage0, 12 * stage0 // dp, 2 * gen):
         assert f"{gib / GIB:8.2f}" in text
-    assert f"{kv_room // 40960:,} tokens per generation replica" in text
+    assert f"{max(0, kv_room) // 40960:,} tokens per generation replica" in text
+    assert kv_room < 0 and "DOES NOT FIT: the KV cache holds fewer than" in text  # activations of 4096-token
+    # sequences at TP8 without sequence parallelism leave no room beside the whole training state (no sleep mode)
 
 
 # --- a small Qwen2 (biases, tied embeddings) with critic and reference ---------------------------------
@@ -223,3 +226,14 @@ def test_a_preset_that_does_not_fit_is_one_line_and_status_2():
     assert proc.stderr.strip() == (f"hybridflow-mg: error: {config} does not fit 8 GPUs of 80 GiB: see DOES NOT FIT "
                                    "above; change parallel.train / parallel.gen or the lengths")
     assert cli("plan", config).returncode == 2  # --gpus is needed with a config
+
+
+def test_vllm_needs_its_budget_free_when_the_engine_starts():
+    """vLLM refuses to start unless gpu_memory_utilization × GPU is free; the trainer builds it after the
+    training models, so a budget that fits alone may not fit beside them."""
+    config = ROOT / "configs" / "llama3-8b-grpo.yaml"
+    fits = plan_json(config, "--gpus", 8)
+    state = fits["stages"][0]["resident"] - fits["stages"][0]["bytes"]["gen_weights"]
+    assert fits["peaks"]["engine_start"] == state + 2 * GIB + int(0.42 * 80 * GIB)
+    proc = cli("plan", config, "rollout.gpu_memory_utilization=0.6", "--gpus", 8)
+    assert proc.returncode == 2 and "DOES NOT FIT: the vLLM engine start (lower rollout.gpu_memory_utilization)" in proc.stdout

@@ -69,9 +69,23 @@ def comparable(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("time/") and k != "seconds"}
 
 
+def optimizer_tensors(directory) -> dict:
+    """Every tensor of a dist_checkpointing optimizer state, read without a process group."""
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(directory)), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
 def error_lines(proc) -> list[str]:
     """The lines of our own errors in a run's stderr (libraries print warnings around them)."""
     return [line for line in proc.stderr.splitlines() if line.startswith("hybridflow-mg: error:")]
 
 
-__all__ = ["ROOT", "SHORT", "command", "comparable", "error_lines", "kill_all", "rows", "run", "start", "wait_for"]
+__all__ = ["ROOT", "SHORT", "command", "comparable", "error_lines", "kill_all", "optimizer_tensors", "rows", "run",
+           "start", "wait_for"]

@@ -26,6 +26,7 @@ FINAL = "final"
 
 
 def step_name(step: int) -> str:
+    """The directory name of the checkpoint after RL step `step`."""
     return f"step_{step}"
 
 
@@ -59,9 +60,18 @@ def commit(directory: Path, *, step: int, info: dict) -> Path:
             shutil.rmtree(old)
         directory.rename(old)
     os.replace(tmp, directory)
+    _fsync_dir(directory.parent)  # the rename itself survives a crash of the node, not only of the job
     if old.exists():
         shutil.rmtree(old)
     return directory
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_marker(directory: Path) -> dict:
@@ -116,8 +126,17 @@ def complete(root: Path) -> list[tuple[int, Path]]:
 
 
 def remove_partial(root: Path) -> list[Path]:
-    """Delete what killed saves left under `root`; returns what was removed. One rank."""
-    gone = [d for d in root.iterdir() if d.is_dir() and d.name.endswith((PARTIAL, ".old"))] if root.is_dir() else []
+    """Delete what killed saves left under `root`; returns what was removed. One rank.
+
+    A kill between `commit`'s two renames leaves `X.old` (the complete predecessor) and no `X`: `X.old`
+    is put back as `X` instead of being deleted."""
+    if not root.is_dir():
+        return []
+    for old in [d for d in root.iterdir() if d.is_dir() and d.name.endswith(".old")]:
+        original = old.with_name(old.name.removesuffix(".old"))
+        if not original.exists() and (old / MARKER).is_file():
+            old.rename(original)
+    gone = [d for d in root.iterdir() if d.is_dir() and d.name.endswith((PARTIAL, ".old"))]
     for d in gone:
         shutil.rmtree(d, ignore_errors=True)
     return gone

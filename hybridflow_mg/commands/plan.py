@@ -5,9 +5,10 @@
 
 From a training config, everything is read from it: the model's HF config (`model.hf_config`, else
 `model.path`/config.json), the layouts (dp = GPUs / (tp·pp)), dtypes, which roles the algorithm
-builds, sequence lengths and micro-batch tokens, sleep mode and offload; the plan then fits only if
-a generation replica's KV cache holds one longest sequence (prompt + response) and the training and
-switch peaks fit the GPU. A plan that does not fit prints its report and exits 2 with one line.
+builds, sequence lengths and micro-batch tokens, sleep mode, offload and vLLM's
+`gpu_memory_utilization`; the plan then fits only if a generation replica's KV cache holds one
+longest sequence (prompt + response) and the training, switch and vLLM-engine-start peaks fit the GPU
+(vLLM claims its budget when the engine is built, after the training models). A plan that does not fit prints its report and exits 2 with one line.
 
 Pure arithmetic from the HF config.json (no torch, megatron-core or vLLM is imported): exact shard
 sizes per pipeline stage, actor weights / gradients / Adam states, the vLLM generation shard,
@@ -122,5 +123,5 @@ def from_train_config(args) -> tuple:
         gpu_memory_gib=args.gpu_memory, seq_len=longest, micro_batch=max(1, cfg.actor.micro_batch_tokens // longest),
         gpus_per_node=args.gpus_per_node, nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps,
         sleep_mode=cfg.rollout.enable_sleep_mode, offload_during_rollout=cfg.trainer.offload_during_rollout,
-        min_kv_tokens=longest)
+        min_kv_tokens=longest, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
     return spec, layout, options

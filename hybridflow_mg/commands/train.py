@@ -31,6 +31,9 @@ def preflight(cfg) -> None:
             if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
                 raise FileNotFoundError(f"{key} = {path!r} is not an HF model directory (no config.json)")
     build_reward_fn(cfg.reward)
+    from hybridflow_mg.trainer.bootstrap import check_fresh_start
+
+    check_fresh_start(cfg)  # resume=never over an earlier run's checkpoints needs run.overwrite=true
     if cfg.trainer.resume not in ("auto", "never"):  # a named checkpoint: exists, complete, no file cut short
         from hybridflow_mg.checkpoint.training import named
         from hybridflow_mg.trainer.bootstrap import run_dir

@@ -85,6 +85,10 @@ class RunConfig:
     """Parent folder of run directories (resolved config, metrics, checkpoints)."""
     seed: int = 1234
     """Seed of every random stream (data order, init, sampling)."""
+    overwrite: bool = False
+    """Start afresh (`trainer.resume=never`) in a run directory that holds an earlier run's checkpoints,
+    deleting them, its metrics.jsonl and its TensorBoard events; without it such a start is refused
+    rather than mixing two runs."""
     imports: list[str] = field(default_factory=list)
     """Modules (`my_pkg.my_module`) or Python files (`path/to/file.py`, relative to the working
     directory) imported on every rank before the config is validated, so that the estimators, losses

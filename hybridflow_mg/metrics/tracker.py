@@ -28,6 +28,15 @@ class Timer:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def _row(line: str) -> dict | None:
+    """A metrics.jsonl line as a dict; None for a blank or cut-off one (a killed run's last line)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
 class Tracker:
     """The metric sinks of one run (logging rank; `run_dir=None` elsewhere makes every call a no-op).
 
@@ -47,8 +56,7 @@ class Tracker:
             run_dir.mkdir(parents=True, exist_ok=True)
             path = run_dir / "metrics.jsonl"
             if resume_step is not None and path.is_file():
-                self.history = [r for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-                                if r.get("step", 0) <= resume_step]
+                self.history = [r for r in map(_row, path.read_text().splitlines()) if r and r.get("step", 0) <= resume_step]
             tmp = path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
             os.replace(tmp, path)

@@ -125,7 +125,7 @@ def _wait(workers: list[subprocess.Popen]) -> list[tuple[int, float]]:
         for rank, w in enumerate(workers):
             if rank not in done and w.poll() is not None:
                 done[rank] = (w.returncode, time.monotonic())
-                if w.returncode != 0 and deadline is None:
+                if w.returncode not in (0, EXIT_RESUMABLE) and deadline is None:  # 75: the others are saving too
                     deadline = time.monotonic() + SETTLE_S
         if deadline is not None and time.monotonic() > deadline:
             for rank, w in enumerate(workers):

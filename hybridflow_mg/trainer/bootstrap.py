@@ -68,6 +68,26 @@ def _synthetic(cfg, out: Path):
     return synthetic_paths(cfg)
 
 
+def check_fresh_start(cfg, *, clear: bool = False) -> None:
+    """With `trainer.resume=never`, the run directory must hold no complete checkpoint of an earlier run
+    (a later `auto` would resume that one): a one-line ValueError, or with `run.overwrite=true` and
+    `clear`, the earlier run's checkpoints, metrics and TensorBoard events are deleted (one rank)."""
+    import shutil
+
+    from hybridflow_mg.checkpoint import training
+
+    out = run_dir(cfg)
+    if cfg.trainer.resume != "never" or not training.complete(out / "checkpoints"):
+        return
+    if not cfg.run.overwrite:
+        raise ValueError(f"{out} holds the checkpoints of an earlier run and trainer.resume=never starts afresh: set "
+                         "run.overwrite=true to delete them, or give this run another run.name")
+    if clear:
+        for path in (out / "checkpoints", out / "tensorboard"):
+            shutil.rmtree(path, ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+
 def finished(cfg) -> str | None:
     """When the checkpoint `trainer.resume` would continue from has already reached `trainer.total_steps`,
     the line to print instead of training (nothing is built or written); else None. Reads markers only,
@@ -92,4 +112,4 @@ def finished(cfg) -> str | None:
     if step < cfg.trainer.total_steps:
         return None
     return (f"run {run_dir(cfg)} already finished at step {step} ({path}); raise trainer.total_steps above {step} "
-            "to train on, or set trainer.resume=never (into another run.name) to start again")
+            "to train on, or start again with another run.name (or trainer.resume=never run.overwrite=true)")

@@ -39,6 +39,11 @@ from hybridflow_mg.parallel.grid import on_rank0
 STATE = "trainer_state.pt"
 
 
+def _layout(lay) -> dict[str, int]:
+    """The training layout as the marker records it (RNG streams are restored only at the same one)."""
+    return {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp}
+
+
 def trainable(run) -> list[tuple[str, object]]:
     """(role, worker) of the roles with an optimizer."""
     return [(role, w) for role, w in (("actor", run.actor), ("critic", run.critic)) if w is not None]
@@ -91,10 +96,8 @@ def save_checkpoint(run, directory: Path, state: dict) -> Path:
 
     def finish() -> Path:
         torch.save(state, tmp / STATE)
-        lay = grid.layout
         return training.commit(directory, step=int(state["step"]),
-                               info={"world": lay.world, "layout": {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp,
-                                                                    "dp": lay.dp}})
+                               info={"world": grid.layout.world, "layout": _layout(grid.layout)})
 
     return on_rank0(finish)
 
@@ -102,10 +105,13 @@ def save_checkpoint(run, directory: Path, state: dict) -> Path:
 def find_resume(cfg, run_dir: Path) -> tuple[Path | None, dict | None]:
     """The checkpoint `trainer.resume` asks for, verified, and its marker; (None, None) for a fresh
     start. Removes what killed saves left. Rank 0 (file system); raises a one-line ValueError."""
+    from hybridflow_mg.trainer.bootstrap import check_fresh_start
+
     root = run_dir / "checkpoints"
     training.remove_partial(root)
     mode = cfg.trainer.resume
     if mode == "never":
+        check_fresh_start(cfg, clear=True)
         return None, None
     if mode != "auto":
         return training.named(mode, root)
@@ -147,6 +153,6 @@ def load_checkpoint(run, path: Path, marker: dict) -> dict:
     state = torch.load(path / STATE, weights_only=False)
     lay = run.grid.layout
     saved = marker.get("layout", {})
-    if marker.get("world") == lay.world and saved == {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp, "dp": lay.dp}:
+    if marker.get("world") == lay.world and saved == _layout(lay):
         set_process_rng_state(torch.load(path / "rng" / f"rank_{run.grid.rank:05d}.pt", weights_only=False))
     return state

@@ -36,8 +36,9 @@ class Preemption:
     """Signal handlers for the body of a `with` (main thread only; elsewhere signals keep their
     handlers), and the collective decision to stop."""
 
-    def __init__(self, device: torch.device, save_before_deadline: float | None = None):
+    def __init__(self, save_before_deadline: float | None = None, device: torch.device | None = None):
         self.device, self.margin = device, save_before_deadline
+        """`device`: where the collective decision's flag lives (the grid's; set it once the grid exists)."""
         self.requested: str | None = None
         """The name of the first stop signal received, or "deadline"."""
         self._previous: dict = {}

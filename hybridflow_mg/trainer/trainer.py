@@ -71,6 +71,7 @@ class Trainer:
         exits with status 75 (`EXIT_RESUMABLE`)."""
         self.bad_steps = 0
         """Consecutive steps whose update was skipped for a non-finite loss or gradient."""
+        self._saved_step: int | None = None  # the step of the newest checkpoint this trainer wrote
         self._vllm_step: int | None = None  # the actor of which step vLLM holds (None: not synced)
         self._generating = False  # inside a generation phase (weights synced, KV cache awake)
         self._closed = False
@@ -152,22 +153,27 @@ class Trainer:
         if done:  # a rerun of a finished run: nothing to build or write
             if self.is_logging_rank:
                 print(done, flush=True)
-            self.close()
+            self._closed = True
             return self.metrics
-        run = self.setup()
         cfg = self.config
-        try:
-            with Preemption(run.grid.device, cfg.trainer.save_before_deadline) as preemption:
-                self._call("on_train_start", self)
-                if cfg.actor.warm_start.steps and self.step == 0:
-                    from hybridflow_mg.trainer.warm_start import warm_start
+        # Signals are caught from here on: a long setup or warm start interrupted ends resumable too. An
+        # exception skips the collective teardown (peers may be dead or stuck, and a destroy would wait for
+        # them): the process ends anyway, and in a notebook close() can follow once the others are gone.
+        with Preemption(cfg.trainer.save_before_deadline) as preemption:
+            run = self.setup()
+            preemption.device = run.grid.device
+            self._call("on_train_start", self)
+            if cfg.actor.warm_start.steps and self.step == 0:
+                from hybridflow_mg.trainer.warm_start import warm_start
 
-                    warm_start(run)
-                    self._vllm_step = None  # the warm start changed the actor
-                while self.step < cfg.trainer.total_steps:
-                    self.train_step()
-                    if preemption.due() and self.step < cfg.trainer.total_steps:
-                        return self._stop_resumable(preemption.requested)
+                warm_start(run)
+                self._vllm_step = None  # the warm start changed the actor
+            while self.step < cfg.trainer.total_steps:
+                if preemption.due():
+                    self._stop_resumable(preemption.requested)
+                    break
+                self.train_step()
+        if self.preempted is None:
             if cfg.trainer.save_final:
                 self.save_checkpoint(run.run_dir / "checkpoints" / "final")
             if self.is_logging_rank:
@@ -176,27 +182,32 @@ class Trainer:
                     print("\nvalidation reward (greedy):\n" + run.tracker.curve("val_reward"))
                 print(f"\nmetrics: {run.run_dir / 'metrics.jsonl'}")
             self._call("on_train_end", self)
-        finally:
-            self.close()
+        self.close()
         return self.metrics
 
-    def _stop_resumable(self, why: str) -> dict[str, float]:
-        """Save (unless this step's checkpoint exists) and mark the run preempted: `fit` returns."""
+    def _stop_resumable(self, why: str) -> None:
+        """Save (unless this step was just saved, or no step ran yet) and mark the run preempted: `fit` stops
+        and the CLI exits 75. Under a launcher that set `HYBRIDFLOW_PREEMPTED_FILE`, rank 0 also writes
+        that file, so a batch script requeues whatever the job step's status (launch/slurm/train.sbatch)."""
         from hybridflow_mg.checkpoint.training import step_name
 
         path = self.run.run_dir / "checkpoints" / step_name(self.step)
-        if not (path / "COMPLETE").is_file():
+        if self.step and self._saved_step != self.step:
             self.save_checkpoint(path)
         self.preempted = why
         if self.is_logging_rank:
-            print(f"stopped by {why} after step {self.step}: saved {path}; the same command resumes "
-                  "(exit status 75)", flush=True)
-        return self.metrics
+            where = f"saved {path}" if self.step else "before the first step, nothing to save"
+            print(f"stopped by {why} after step {self.step}: {where}; with trainer.resume=auto (the default) the "
+                  "same command resumes (exit status 75)", flush=True)
+            marker = os.environ.get("HYBRIDFLOW_PREEMPTED_FILE")
+            if marker:
+                Path(marker).write_text(f"{self.step}\n")
 
     def train_step(self) -> dict[str, float]:
         """One RL step (validation first when due), logged, with callbacks and the periodic checkpoint."""
         from hybridflow_mg.checkpoint.training import step_name
         from hybridflow_mg.parallel import faults
+        from hybridflow_mg.trainer.checkpoint import trainable
         from hybridflow_mg.trainer.loop import rl_step
 
         run, cfg = self.setup(), self.config
@@ -208,9 +219,8 @@ class Trainer:
         self._vllm_step = self.step  # rl_step starts with the reshard
         lr = run.actor.optimizer.param_groups[0]["lr"]
         metrics = rl_step(run, next(run.train_batches), step, evaluate=evaluate)
-        for worker in (run.actor, run.critic):
-            if worker is not None:
-                worker.scheduler.step(1)  # the schedule counts RL steps
+        for _, worker in trainable(run):
+            worker.scheduler.step(1)  # the schedule counts RL steps
         skipped = metrics.get("update_skipped", 0.0) + metrics.get("critic/update_skipped", 0.0)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         metrics.update(lr=lr, bad_steps=self.bad_steps)
@@ -324,29 +334,33 @@ class Trainer:
 
         run = self.setup()
         out = save_checkpoint(run, Path(path), self._own_state())
+        self._saved_step = self.step
         on_rank0(prune, run.run_dir / "checkpoints", self.config.trainer.keep_last)
         self._call("on_checkpoint", self.step, out)
         return out
 
     def _own_state(self) -> dict[str, Any]:
         """What `state_dict` holds besides the roles' weights and optimizers and the RNG streams."""
+        from hybridflow_mg.trainer.checkpoint import trainable
+
         run = self.setup()
         state: dict[str, Any] = {"step": self.step, "data": run.train_batches.state_dict(),
                                  "kl_controller": run.kl_controller.state_dict(), "bad_steps": self.bad_steps,
-                                 "schedulers": {role: w.scheduler.state_dict() for role, w in
-                                                (("actor", run.actor), ("critic", run.critic)) if w is not None}}
+                                 "schedulers": {role: w.scheduler.state_dict() for role, w in trainable(run)}}
         callbacks = {i: cb.state_dict() for i, cb in enumerate(self.callbacks) if hasattr(cb, "state_dict")}
         if callbacks:
             state["callbacks"] = callbacks
         return state
 
     def _load_own_state(self, state: Mapping[str, Any]) -> None:
+        from hybridflow_mg.trainer.checkpoint import trainable
+
         run = self.setup()
         run.train_batches.load_state_dict(state["data"])  # checks the seed and the prompt count first
         self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
         run.kl_controller.load_state_dict(state["kl_controller"])
-        for role, worker in (("actor", run.actor), ("critic", run.critic)):
-            if worker is not None and role in state.get("schedulers", {}):
+        for role, worker in trainable(run):
+            if role in state.get("schedulers", {}):
                 worker.scheduler.load_state_dict(state["schedulers"][role])
         for i, cb_state in state.get("callbacks", {}).items():
             self.callbacks[int(i)].load_state_dict(cb_state)

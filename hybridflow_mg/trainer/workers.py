@@ -34,7 +34,10 @@ def _scheduler(optimizer, optim, schedule_steps: int):
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if optim.lr_warmup_steps else optim.lr, max_lr=optim.lr, min_lr=optim.min_lr,
         lr_warmup_steps=optim.lr_warmup_steps, lr_decay_steps=decay, lr_decay_style=optim.lr_decay,
-        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay, wd_incr_style="constant")
+        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
+        # on resume the config wins (a run extended with more steps decays over the new length); only the
+        # step count comes from the checkpoint
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
 
 
 class ModelWorker:
@@ -172,8 +175,8 @@ class ModelWorker:
         ok = all(bool(torch.isfinite(o["loss"]).all()) for o in outs)
         for chunk in self.chunks:
             buffers = getattr(chunk, "buffers", None)  # megatron-core DDP's grad buffers (a list attribute)
-            for buffer in buffers if isinstance(buffers, list) else ():
-                ok = ok and bool(torch.isfinite(buffer.grad_data).all())
+            for buffer in buffers if isinstance(buffers, list) else ():  # the largest |g| is NaN/Inf iff one is;
+                ok = ok and bool(torch.isfinite(torch.linalg.vector_norm(buffer.grad_data, float("inf"))))  # no copy
         flag = torch.tensor([1.0 if ok else 0.0], device=self.grid.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item() == 1.0)
