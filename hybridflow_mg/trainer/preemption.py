@@ -5,7 +5,7 @@ each step, which every rank answers together (one all-reduce), then saves a chec
 status 75 (`EXIT_RESUMABLE`), which a requeue script reads as "resume me". A second SIGINT interrupts
 at once. The deadline is a Unix time from `SLURM_JOB_END_TIME` (set by SLURM for batch jobs) or
 `HYBRIDFLOW_DEADLINE`; with `trainer.save_before_deadline=S`, the run stops once less than S seconds
-plus one step's duration are left.
+plus the longest step's duration are left (judged after each step: the first step always runs).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Preemption:
         """The name of the first stop signal received, or "deadline"."""
         self._previous: dict = {}
         self._step_seconds = 0.0
-        self._last = time.monotonic()
+        self._last: float | None = None  # when `due` was last asked (the deadline needs one step's duration)
 
     def __enter__(self) -> "Preemption":
         if threading.current_thread() is threading.main_thread():
@@ -62,12 +62,13 @@ class Preemption:
 
     def due(self) -> bool:
         """Whether to stop after this step: a signal on any rank, or the deadline near (collective)."""
-        now = time.monotonic()
-        self._step_seconds, self._last = max(self._step_seconds, now - self._last), now
-        end = deadline()
-        if self.margin is not None and end is not None and self.requested is None \
-                and end - time.time() < self.margin + self._step_seconds:
-            self.requested = "deadline"
+        now, end = time.monotonic(), deadline()
+        if self._last is not None:  # from the second call on: a step has run since the last one
+            self._step_seconds = max(self._step_seconds, now - self._last)
+            if self.margin is not None and end is not None and self.requested is None \
+                    and end - time.time() < self.margin + self._step_seconds:
+                self.requested = "deadline"
+        self._last = now
         flag = torch.tensor([1.0 if self.requested else 0.0], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.requested is None:
