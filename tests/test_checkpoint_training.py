@@ -106,3 +106,29 @@ def test_a_fresh_start_over_an_earlier_run_needs_overwrite(tmp_path):
     check_fresh_start(cfg("trainer.resume=auto"))  # nothing to refuse
     check_fresh_start(cfg("trainer.resume=never", "run.overwrite=true"), clear=True)
     assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+
+
+def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
+    """`check_finite` (collective; here a world of one) refuses before anything is written."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from hybridflow_mg.trainer.checkpoint import check_finite
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        layer = torch.nn.Linear(2, 2)
+        run = SimpleNamespace(grid=SimpleNamespace(rank=0, device=torch.device("cpu")), critic=None,
+                              actor=SimpleNamespace(modules=[layer]))
+        check_finite(run, tmp_path / "step_1")  # finite: passes
+        with torch.no_grad():
+            layer.bias[1] = float("nan")
+        with pytest.raises(ValueError, match=r"not saving .*step_1: a weight is not finite \(actor bias on rank 0\)"):
+            check_finite(run, tmp_path / "step_1")
+        assert not (tmp_path / "step_1").exists() and not training.partial_dir(tmp_path / "step_1").exists()
+    finally:
+        if own:
+            dist.destroy_process_group()

@@ -165,3 +165,36 @@ def test_dynamic_sampling_unsorted_groups_and_lists():
     assert empty.keep.numel() == 0 and empty.num_groups_kept == 0
     with pytest.raises(ValueError, match="same length"):
         dynamic_sampling_mask([1.0, 2.0], [0])
+
+
+# --- what a reward function returns (issue 16) ---------------------------------------------------
+
+@pytest.mark.parametrize("value,shown", [
+    (float("nan"), "returned nan (float)"), (float("inf"), "returned inf (float)"), ("yes", "returned 'yes' (str)"),
+    (None, "returned None (NoneType)"), ([1.0], "returned [1.0] (list)"), ("x" * 100, "returned '" + "x" * 56 + "... (str)"),
+])
+def test_a_reward_that_is_not_a_finite_number_is_one_line_naming_function_row_and_source(tmp_path, value, shown):
+    from hybridflow_mg.rewards import RewardValueError
+
+    path = _write(tmp_path, "bad_value.py", "VALUE = None\n\ndef score(s, gt, *, data_source='', extra_info=None):\n"
+                                            "    return VALUE\n")
+    fn = bind(f"{path}:score")
+    sys.modules[load_fn_by_path(f"{path}:score").__module__].VALUE = value
+    with pytest.raises(RewardValueError) as e:
+        score_batch(fn, ["a", "b"], ["1", "2"], ["gsm8k", "openai/gsm8k"], indices=[7, 41])
+    assert str(e.value).startswith(f"data row 7 (data_source 'gsm8k'): reward function '{path}:score' {shown}")
+    assert "\n" not in str(e.value) and str(e.value).endswith("a reward must be a finite number: fix the function")
+    # inside a weighted mix the term is named; a plain callable by its qualified name
+    with pytest.raises(RewardValueError, match=f"reward function '{path}:score' returned"):
+        weighted_mix([(fn, 1.0)])("a", "1")
+    with pytest.raises(RewardValueError, match="sample 0 of the batch .* reward function 'test_a_reward_that"):
+        score_batch(lambda *a, **k: value, ["a"], ["1"])
+
+
+def test_numbers_of_every_kind_are_rewards():
+    import numpy as np
+    import torch
+
+    values = [True, 0, 1.5, np.float32(0.25), np.int64(2), torch.tensor(0.5), torch.tensor([3.0])]
+    assert score_batch(lambda s, gt, **k: values[int(s)], [str(i) for i in range(len(values))], [""] * len(values)) \
+        == [1.0, 0.0, 1.5, 0.25, 2.0, 0.5, 3.0]

@@ -12,6 +12,8 @@ from hybridflow_mg.rewards import arithmetic, countdown, gsm8k, math_answer  # n
 from hybridflow_mg.rewards.base import REWARD_FNS, RewardFn, RewardModelScorer
 from hybridflow_mg.rewards.compose import (
     DEFAULT_BY_DATA_SOURCE,
+    RewardValueError,
+    as_reward,
     bind,
     build_reward_fn,
     by_data_source,
@@ -30,6 +32,8 @@ __all__ = [
     "RewardConfig",
     "RewardTermConfig",
     "DEFAULT_BY_DATA_SOURCE",
+    "RewardValueError",
+    "as_reward",
     "bind",
     "build_reward_fn",
     "by_data_source",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
+import numbers
 from typing import Any, Mapping, Sequence
 
 from hybridflow_mg.rewards.base import REWARD_FNS, RewardFn
@@ -75,7 +77,48 @@ def bind(spec: str, options: Mapping[str, Any] | None = None, *, format_score: f
             )
     if format_score is not None and "format_score" in params and "format_score" not in kwargs:
         kwargs["format_score"] = format_score
-    return functools.partial(fn, **kwargs) if kwargs else fn
+    return checked(functools.partial(fn, **kwargs) if kwargs else fn, spec)
+
+
+class RewardValueError(ValueError):
+    """A reward function returned something that is not a finite number. Raised on the rank that scored
+    the sample, which need not be every rank: the CLI prints it from whichever rank raises it."""
+
+    one_rank = True
+
+
+def as_reward(value: Any, name: str) -> float:
+    """`value` as a float reward; a RewardValueError naming the function `name` when it is not a finite
+    real number (bool, int, float, numpy scalars and one-element tensors are numbers)."""
+    number = value
+    if not isinstance(number, numbers.Real) and hasattr(number, "item"):
+        try:
+            number = number.item()  # numpy / torch scalars and one-element arrays
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    if isinstance(number, numbers.Real) and math.isfinite(float(number)):
+        return float(number)
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    raise RewardValueError(f"reward function {name} returned {text} ({type(value).__name__}); a reward must be a finite "
+                           "number: fix the function")
+
+
+def reward_name(fn: Any) -> str:
+    """How errors name a reward function: its config spec, else its qualified name."""
+    return getattr(fn, "reward_name", None) or repr(getattr(fn, "__qualname__", None) or type(fn).__name__)
+
+
+def checked(fn: RewardFn, spec: str) -> RewardFn:
+    """`fn` with its return value checked by `as_reward` and named `spec` in the error."""
+    name = repr(spec)
+
+    @functools.wraps(fn if not isinstance(fn, functools.partial) else fn.func)
+    def score(solution: str, ground_truth: Any, *, data_source: str = "", extra_info: dict | None = None) -> float:
+        return as_reward(fn(solution, ground_truth, data_source=data_source, extra_info=extra_info), name)
+
+    score.reward_name = name
+    return score
 
 
 def weighted_mix(terms: Sequence[tuple[RewardFn, float]]) -> RewardFn:
@@ -85,7 +128,8 @@ def weighted_mix(terms: Sequence[tuple[RewardFn, float]]) -> RewardFn:
     terms = [(fn, float(w)) for fn, w in terms]
 
     def mixed(solution: str, ground_truth: Any, *, data_source: str = "", extra_info: dict | None = None) -> float:
-        return sum(w * float(fn(solution, ground_truth, data_source=data_source, extra_info=extra_info)) for fn, w in terms)
+        return sum(w * as_reward(fn(solution, ground_truth, data_source=data_source, extra_info=extra_info), reward_name(fn))
+                   for fn, w in terms)
 
     return mixed
 
@@ -137,8 +181,13 @@ def score_batch(
     ground_truths: Sequence[Any],
     data_sources: Sequence[str] | None = None,
     extra_infos: Sequence[dict | None] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> list[float]:
-    """`fn` applied to each sample of a batch, in order; the optional columns default to "" / None."""
+    """`fn` applied to each sample of a batch, in order; the optional columns default to "" / None.
+
+    Every score must be a finite number: anything else (NaN, inf, None, a string) raises a one-line
+    RewardValueError naming the function, the sample (its data row in `indices` when given), its data
+    source and the value."""
     n = len(solutions)
     if len(ground_truths) != n or (data_sources is not None and len(data_sources) != n) or (
         extra_infos is not None and len(extra_infos) != n
@@ -146,6 +195,12 @@ def score_batch(
         raise ValueError("score_batch: solutions, ground_truths, data_sources and extra_infos must be equally long")
     sources = data_sources if data_sources is not None else [""] * n
     infos = extra_infos if extra_infos is not None else [None] * n
-    return [
-        float(fn(s, gt, data_source=ds, extra_info=info)) for s, gt, ds, info in zip(solutions, ground_truths, sources, infos)
-    ]
+    name = reward_name(fn)
+    out = []
+    for i, (s, gt, ds, info) in enumerate(zip(solutions, ground_truths, sources, infos)):
+        try:
+            out.append(as_reward(fn(s, gt, data_source=ds, extra_info=info), name))
+        except RewardValueError as e:
+            row = f"data row {indices[i]}" if indices is not None else f"sample {i} of the batch"
+            raise RewardValueError(f"{row} (data_source {ds!r}): {e}") from None
+    return out

@@ -75,12 +75,28 @@ def save_weights(run, worker, spec, directory: Path, *, role: str, source: str) 
     on_rank0(meta)
 
 
+def check_finite(run, directory: Path) -> None:
+    """Raise a one-line ValueError on every rank, before anything is written, when a weight of a trained
+    role holds NaN or inf on any rank (collective: one all-reduce): non-finite weights never reach a
+    checkpoint."""
+    bad = next((f"{role} {n} on rank {run.grid.rank}" for role, w in trainable(run)
+                for chunk in w.modules for n, p in chunk.named_parameters()
+                if not bool(torch.isfinite(torch.linalg.vector_norm(p.detach(), float("inf"))))), None)  # no full-size mask
+    flag = torch.tensor([run.grid.rank + 1.0 if bad else 0.0], device=run.grid.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        where = bad or f"rank {int(flag.item()) - 1}"
+        raise ValueError(f"not saving {directory}: a weight is not finite ({where}); the run diverged: lower the "
+                         "learning rate or resume from an earlier checkpoint")
+
+
 def save_checkpoint(run, directory: Path, state: dict) -> Path:
     """Write the whole training state of `run` as the checkpoint `directory` (collective); `state` is
     the trainer's own part (see `Trainer.state_dict`). Returns `directory`, complete."""
     from hybridflow_mg.trainer.state import process_rng_state
 
     grid = run.grid
+    check_finite(run, directory)
     tmp = on_rank0(lambda: training.start_partial(directory))
     save_weights(run, run.actor, run.spec, tmp, role="actor", source=run.cfg.model.path)
     faults.trigger("save")  # tests kill a rank here: between shard writes

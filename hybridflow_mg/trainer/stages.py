@@ -136,7 +136,8 @@ def score(run, r: Rollouts) -> Rewards:
 def _sequence_scores(run, r: Rollouts) -> torch.Tensor:
     """[B] rule rewards, plus the reward model's score when there is one."""
     scores = torch.tensor(score_batch(run.reward_fn, r.texts, [it.ground_truth for it in r.items],
-                                      [it.data_source for it in r.items], [it.extra_info for it in r.items]))
+                                      [it.data_source for it in r.items], [it.extra_info for it in r.items],
+                                      [it.index for it in r.items]))
     if run.reward_model is not None:
         rm = run.reward_model.forward(r.seqs, score_head(), names=("score",), token_budget=run.cfg.critic.micro_batch_tokens)
         scores = scores + rm["score"][:, 0]
