@@ -54,12 +54,19 @@ def commit(directory: Path, *, step: int, info: dict) -> Path:
         json.dump({"format": FORMAT, "step": step, **info, "files": files}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    return replace_dir(tmp, directory)
+
+
+def replace_dir(new: Path, directory: Path) -> Path:
+    """Move the complete directory `new` to `directory`. What `directory` held is moved aside to
+    `directory.old` first and deleted only after the move (a kill in between leaves it whole there, and
+    `remove_partial` puts it back); the parent is fsynced so the rename survives a node crash too."""
     old = directory.with_name(directory.name + ".old")
     if directory.exists():  # replaced only now that its successor is complete
         if old.exists():
             shutil.rmtree(old)
         directory.rename(old)
-    os.replace(tmp, directory)
+    os.replace(new, directory)
     _fsync_dir(directory.parent)  # the rename itself survives a crash of the node, not only of the job
     if old.exists():
         shutil.rmtree(old)

@@ -11,8 +11,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hybridflow_mg.commands._args import parse_sizes
+
+if TYPE_CHECKING:
+    from hybridflow_mg.models.hf_spec import ModelSpec
 
 
 def add_parser(sub) -> None:
@@ -21,42 +26,98 @@ def add_parser(sub) -> None:
     p.add_argument("--train", default="tp=1,pp=1", metavar="tp=T,pp=P")
     p.add_argument("--gen", default="", metavar="tp=TG", help="generation tp (default: training tp)")
     p.add_argument("--nproc", type=int, default=None, help="start this many local processes (parallel/local_launch.py)")
-    p.add_argument("--prompts", required=True, help="JSON lines with prompt_ids or prompt")
+    p.add_argument("--prompts", required=True,
+                   help='JSON lines: {"prompt_ids": [ids]} or {"prompt": "text"} (text needs a tokenizer in --hf)')
     p.add_argument("--greedy", action="store_true", help="greedy decoding (temperature 0)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64,
+                   help="new tokens per sample; each prompt plus these must fit the model's max_position_embeddings")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default=None, help="output JSON lines (default: stdout)")
     p.set_defaults(run=run)
 
 
-def read_prompts(path: str, model_dir: str) -> list[list[int]]:
+PROMPT_EXAMPLE = '{"prompt_ids": [1, 17, 33]} or {"prompt": "text"}'
+
+
+def read_prompts(path: str, model_dir: str, *, vocab_size: int, context: int, max_new_tokens: int) -> list[list[int]]:
+    """The prompts of a JSON-lines file as token ids, each checked against the model.
+
+    A line is a JSON object with `prompt_ids` (ints in [0, vocab_size)) or `prompt` text (needs a
+    tokenizer in `model_dir`); a prompt plus `max_new_tokens` must fit the `context`
+    (max_position_embeddings). A bad line raises one ValueError `FILE:LINE: problem; fix`.
+    """
+    if os.path.isdir(path):
+        raise ValueError(f"--prompts {path!r} is a directory; give a JSON-lines file ({PROMPT_EXAMPLE} per line)")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompts file {path!r} does not exist")
+        raise FileNotFoundError(f"--prompts {path!r} does not exist; give a JSON-lines file ({PROMPT_EXAMPLE} per line)")
+    config = os.path.join(model_dir, "config.json")
     prompts, tokenizer = [], None
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{where}: not UTF-8 text; save the prompts file as UTF-8 JSON lines") from None
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # a cut-off line errs at its end, not at column 1 of the next
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+                raise ValueError(f"{where}: not valid JSON ({e.msg}, column {e.colno}); write one object per line, "
+                                 f"e.g. {PROMPT_EXAMPLE}") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: a line must be a JSON object, not {_json_kind(row)}; write {PROMPT_EXAMPLE}")
             if "prompt_ids" in row:
-                prompts.append([int(t) for t in row["prompt_ids"]])
+                ids = _checked_ids(row["prompt_ids"], where, vocab_size, config)
             elif "prompt" in row:
-                if tokenizer is None:
-                    from hybridflow_mg.data.tokenizer import Tokenizer
-
-                    tokenizer = Tokenizer.from_path(model_dir)
-                prompts.append(tokenizer.encode(row["prompt"], add_bos=True))
+                if not isinstance(row["prompt"], str):
+                    raise ValueError(f"{where}: 'prompt' must be text, not {_json_kind(row['prompt'])}")
+                tokenizer = tokenizer or _tokenizer(model_dir, where)
+                ids = _checked_ids(tokenizer.encode(row["prompt"], add_bos=True), where, vocab_size, config)
             else:
-                raise ValueError(f"{path}:{number}: a line needs 'prompt_ids' or 'prompt'")
+                raise ValueError(f"{where}: a line needs 'prompt_ids' or 'prompt', e.g. {PROMPT_EXAMPLE}")
+            if len(ids) + max_new_tokens > context:
+                raise ValueError(f"{where}: prompt of {len(ids)} tokens + --max-tokens {max_new_tokens} exceeds the "
+                                 f"model's context of {context} (max_position_embeddings in {config}); shorten the "
+                                 f"prompt to at most {context - max_new_tokens} tokens or lower --max-tokens")
+            prompts.append(ids)
     if not prompts:
-        raise ValueError(f"prompts file {path!r} has no prompts")
+        raise ValueError(f"--prompts {path!r} has no prompts; write one JSON object per line, e.g. {PROMPT_EXAMPLE}")
     return prompts
+
+
+def _json_kind(value) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "an object", type(None): "null"}[type(value)]
+
+
+def _checked_ids(ids, where: str, vocab_size: int, config: str) -> list[int]:
+    """`ids` as a list of token ids in [0, vocab_size), or a ValueError at `where`."""
+    if not isinstance(ids, list):
+        raise ValueError(f"{where}: 'prompt_ids' must be a list of token ids, not {_json_kind(ids)}")
+    if not ids:
+        raise ValueError(f"{where}: 'prompt_ids' is empty; give at least one token id")
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise ValueError(f"{where}: 'prompt_ids'[{i}] is {json.dumps(t)}, not an integer token id")
+        if not 0 <= t < vocab_size:
+            raise ValueError(f"{where}: token id {t} at 'prompt_ids'[{i}] is outside the vocabulary: ids run "
+                             f"0..{vocab_size - 1} (vocab_size in {config})")
+    return ids
+
+
+def _tokenizer(model_dir: str, where: str):
+    from hybridflow_mg.data.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.from_path(model_dir)
+    except ValueError:
+        raise ValueError(f"{where}: 'prompt' text needs a tokenizer and {model_dir!r} has none (tokenizer.json, "
+                         f"tokenizer_config.json or tokenizer.model); give 'prompt_ids' instead") from None
 
 
 def _stop_ids(hf_config: dict) -> tuple[int, ...]:
@@ -64,19 +125,70 @@ def _stop_ids(hf_config: dict) -> tuple[int, ...]:
     return tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
 
 
-def run(args) -> int:
+@dataclass(frozen=True)
+class GenerateInputs:
+    """What `run` checked before any process or engine starts, handed to the generation itself."""
+
+    hf_config: dict
+    spec: ModelSpec
+    train: dict[str, int]  # {"tp": T, "pp": P} as given to --train
+    gen: dict[str, int]  # {"tp": TG} or {} (the training tp)
+    prompts: list[list[int]]
+
+
+def check_inputs(args) -> GenerateInputs:
+    """Every flag and prompt checked against the model's config.json: a one-line ValueError for the
+    first mistake. Cheap (no weights, no torch.distributed), so the launching process runs it before
+    `--nproc` starts workers, and each worker again on its own."""
+    from hybridflow_mg.models.hf_io import hf_model_dir
+    from hybridflow_mg.models.hf_spec import check_layout, read_hf_config, spec_from_hf
     from hybridflow_mg.parallel.launch import discover
+    from hybridflow_mg.parallel.layout import ParallelLayout
 
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    for flag, value in (("--max-tokens", args.max_tokens), ("--n", args.n)):
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature} (--greedy samples at 0)")
+    if args.out is not None:
+        if os.path.isdir(args.out):
+            raise ValueError(f"--out {args.out!r} is a directory; give the path of a file to write")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not os.path.isdir(folder):
+            raise ValueError(f"--out {args.out!r}: folder {folder!r} does not exist; create it or choose another path")
+    t = parse_sizes(args.train, ("tp", "pp"), "--train")
+    g = parse_sizes(args.gen, ("tp",), "--gen")
+    model_dir = hf_model_dir(args.hf)
+    hf_config = read_hf_config(model_dir)
+    spec = spec_from_hf(hf_config)
+    check_layout(spec, t.get("tp", 1), t.get("pp", 1))
+    launched = discover().world_size
+    ParallelLayout.create(world=args.nproc if args.nproc and launched == 1 else launched, tp=t.get("tp", 1),
+                          pp=t.get("pp", 1), gen_tp=g.get("tp"))  # the grid the workers will build
+    context = spec.max_position_embeddings
+    if args.max_tokens >= context:
+        raise ValueError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} tokens (max_position_embeddings in {model_dir / 'config.json'}); "
+                         f"lower it below {context}")
+    prompts = read_prompts(args.prompts, str(model_dir), vocab_size=spec.dims.vocab_size, context=context,
+                           max_new_tokens=args.max_tokens)
+    return GenerateInputs(hf_config=hf_config, spec=spec, train=t, gen=g, prompts=prompts)
+
+
+def run(args) -> int:
+    from hybridflow_mg.parallel.launch import discover
+
+    inputs = check_inputs(args)  # before any worker or engine: bad input costs a second, not a startup
     if args.nproc and discover().world_size == 1:  # start the processes ourselves
         from hybridflow_mg.parallel.local_launch import launch_local, without_nproc
 
         return launch_local(args.nproc, without_nproc(args.argv))
-    return _generate(args)
+    return _generate(args, inputs)
 
 
-def _generate(args) -> int:
+def _generate(args, inputs: GenerateInputs) -> int:
     import torch.distributed as dist
 
     from hybridflow_mg.parallel.grid import Grid
@@ -84,17 +196,11 @@ def _generate(args) -> int:
     from hybridflow_mg.parallel.layout import ParallelLayout
     from hybridflow_mg.models.build import build_model
     from hybridflow_mg.models.hf_io import HFSource, load_into_model
-    from hybridflow_mg.models.hf_spec import check_layout, read_hf_config, spec_from_hf
     from hybridflow_mg.rollout.config import RolloutConfig
     from hybridflow_mg.rollout.hybrid_engine import HybridEngine
     from hybridflow_mg.rollout.vllm_engine import VLLMEngine
 
-    t = parse_sizes(args.train, ("tp", "pp"), "--train")
-    g = parse_sizes(args.gen, ("tp",), "--gen")
-    hf_config = read_hf_config(args.hf)
-    spec = spec_from_hf(hf_config)
-    check_layout(spec, t.get("tp", 1), t.get("pp", 1))
-    prompts = read_prompts(args.prompts, args.hf)
+    hf_config, spec, t, g, prompts = inputs.hf_config, inputs.spec, inputs.train, inputs.gen, inputs.prompts
     info, device = init_distributed()
     layout = ParallelLayout.create(world=info.world_size, tp=t.get("tp", 1), pp=t.get("pp", 1), gen_tp=g.get("tp"))
     grid = Grid.create(layout, device)

@@ -64,6 +64,20 @@ def read_runs(index: torch.Tensor, dim: int, out_shape: tuple[int, ...], dtype: 
     return out
 
 
+def hf_model_dir(path: str | os.PathLike, flag: str = "--hf") -> Path:
+    """`path` as an HF model directory (one holding config.json); a one-line error naming `flag` otherwise."""
+    p = Path(path)
+    fix = "point it to an HF model directory (config.json + *.safetensors)"
+    if not p.exists():
+        raise FileNotFoundError(f"{flag} {str(p)!r} does not exist; {fix}")
+    if not p.is_dir():
+        raise ValueError(f"{flag} {str(p)!r} is a file, not a directory; point it to the folder that holds "
+                         f"config.json and the weights (perhaps {str(p.parent)!r})")
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{flag} {str(p)!r} has no config.json; {fix}")
+    return p
+
+
 class HFCheckpoint:
     """The tensors of an HF model directory (`model.safetensors` or a sharded index), opened lazily."""
 
