@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(e: Exception) -> int:
-    """One line for `e` and the exit code: 2 for bad input (the same on every rank, so rank 0 says it),
-    1 for anything else (said by the failing rank, named). Under `--nproc` the line goes to the local
+    """One line for `e` and the exit code: 2 for bad input (the same on every rank, so rank 0 says it;
+    an error marked `one_rank`, such as a bad reward value, is said by the rank that met it), 1 for
+    anything else (said by the failing rank, named). Under `--nproc` the line goes to the local
     launcher, which prints the first one and stops the other ranks."""
     from hybridflow_mg.parallel.launch import LaunchError
     from hybridflow_mg.parallel.local_launch import EXIT_USAGE, write_error_line
@@ -78,16 +79,21 @@ def _fail(e: Exception) -> int:
     rank = _rank()
     if isinstance(e, (ValueError, LaunchError, FileNotFoundError)):
         line, code = str(e), EXIT_USAGE
+        if getattr(e, "one_rank", False) and _world() > 1:  # bad input met by this rank only: say which
+            line = f"rank {rank}: {line}"
+    elif getattr(e, "plain", False):  # a failure whose message says everything (e.g. parallel/progress.py)
+        line, code = str(e), 1
     else:
         text = str(e).strip().splitlines()
         line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
         line, code = line + " (HYBRIDFLOW_DEBUG=1 shows the traceback)", 1
     if write_error_line(rank, line):
         return code
-    if code == EXIT_USAGE and rank == 0:  # under a launcher every rank fails alike: one of them says so
+    if code == EXIT_USAGE and (rank == 0 or getattr(e, "one_rank", False)):  # all ranks fail alike: rank 0 says it
         print(f"hybridflow-mg: error: {line}", file=sys.stderr)
     elif code != EXIT_USAGE:
-        print(f"hybridflow-mg: error: {'' if _world() == 1 else f'rank {rank}: '}{line}", file=sys.stderr)
+        named = _world() == 1 or line.startswith("rank ")
+        print(f"hybridflow-mg: error: {'' if named else f'rank {rank}: '}{line}", file=sys.stderr)
     return code
 
 

@@ -18,12 +18,16 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def preflight(cfg) -> None:
-    """What can be checked without processes, checked before any start: data files, columns, rewards,
-    and a checkpoint named by `trainer.resume`."""
+def preflight(cfg, *, launching: bool = False) -> None:
+    """What can be checked without processes, checked before any start: data files, columns, models,
+    rewards, the run directory, and a checkpoint named by `trainer.resume`. `launching` (the process
+    that starts the workers) also reads and tokenizes every prompt and checks lengths against the
+    model (`trainer/inputs.py`), which each rank does anyway under another launcher."""
     from hybridflow_mg.data.datasets import check_files
     from hybridflow_mg.rewards import build_reward_fn
+    from hybridflow_mg.trainer.bootstrap import check_fresh_start, check_output_dir
 
+    check_output_dir(cfg)
     if cfg.model.synthetic is None:
         check_files(cfg.data)
         for path, key in ((cfg.model.path, "model.path"), (cfg.model.critic_path, "model.critic_path"),
@@ -31,8 +35,10 @@ def preflight(cfg) -> None:
             if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
                 raise FileNotFoundError(f"{key} = {path!r} is not an HF model directory (no config.json)")
     build_reward_fn(cfg.reward)
-    from hybridflow_mg.trainer.bootstrap import check_fresh_start
+    if launching and cfg.model.synthetic is None:
+        from hybridflow_mg.trainer.inputs import load_inputs
 
+        load_inputs(cfg)
     check_fresh_start(cfg)  # resume=never over an earlier run's checkpoints needs run.overwrite=true
     if cfg.trainer.resume not in ("auto", "never"):  # a named checkpoint: exists, complete, no file cut short
         from hybridflow_mg.checkpoint.training import named
@@ -49,19 +55,21 @@ def run(args) -> int:
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
     cfg = load_config(TrainConfig, args.config, args.overrides)  # bad keys fail here, before any launch
-    preflight(cfg)
-    if args.nproc and discover().world_size == 1:
+    launching = bool(args.nproc) and discover().world_size == 1
+    if launching:  # the layout and batch split first: the config alone decides them
         from hybridflow_mg.commands.config import layout_of
+        from hybridflow_mg.trainer.config import check_batch_split
+
+        check_batch_split(cfg, layout_of(cfg, args.nproc).dp)
+    preflight(cfg, launching=launching)
+    if launching:
+        from hybridflow_mg.parallel.local_launch import launch_local, without_nproc
         from hybridflow_mg.trainer.bootstrap import finished
 
         done = finished(cfg)
         if done:  # nothing to launch
             print(done)
             return 0
-        from hybridflow_mg.parallel.local_launch import launch_local, without_nproc
-        from hybridflow_mg.trainer.config import check_batch_split
-
-        check_batch_split(cfg, layout_of(cfg, args.nproc).dp)
         return launch_local(args.nproc, without_nproc(args.argv))
     from hybridflow_mg.parallel.local_launch import EXIT_RESUMABLE
     from hybridflow_mg.trainer.trainer import Trainer

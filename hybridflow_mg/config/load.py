@@ -228,6 +228,9 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     base = data.pop("base", None)
     if base is not None:
+        if not isinstance(base, str) or not (path.parent / base).is_file():
+            raise ConfigError(f"config file {str(path)!r}: base: {base!r} is not a file (looked for "
+                              f"{str(path.parent / str(base))!r}; a base is relative to the file naming it)")
         data = _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), data)
     return data
 

@@ -96,6 +96,7 @@ class PromptDataset:
 def read_rows(path: str | Path) -> list[dict]:
     """All rows of a .parquet or .jsonl file as dicts (parquet structs become dicts, lists lists)."""
     path = Path(path)
+    _check_not_dir(path)
     if not path.suffix or not str(path).endswith(SUPPORTED_EXTENSIONS):
         raise ValueError(
             f"data file {str(path)!r} has an unsupported extension {path.suffix!r}; use {' or '.join(SUPPORTED_EXTENSIONS)}"
@@ -336,8 +337,17 @@ def check_files(cfg: DataConfig) -> None:
                                      f"set {fix} to the right column")
 
 
+def _check_not_dir(path: Path) -> None:
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.name.endswith(SUPPORTED_EXTENSIONS))[:3]
+        hint = f" (it holds {', '.join(inside)}{', ...' if inside else ''})" if inside else ""
+        raise ValueError(f"data file {str(path)!r} is a directory{hint}; list the files themselves in "
+                         "data.train_files / data.val_files")
+
+
 def _peek(path: Path) -> tuple[dict, int]:
     """(a mapping with the file's column names — nested for structs — , rows or -1 when unknown)."""
+    _check_not_dir(path)
     if not str(path).endswith(SUPPORTED_EXTENSIONS):
         raise ValueError(f"data file {str(path)!r} has an unsupported extension; use {' or '.join(SUPPORTED_EXTENSIONS)}")
     if not path.is_file():

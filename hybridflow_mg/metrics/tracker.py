@@ -14,13 +14,17 @@ from pathlib import Path
 
 
 class Timer:
-    """Wall-clock seconds per named stage of a step: `with timer("generate"): ...`."""
+    """Wall-clock seconds per named stage of a step: `with timer("generate"): ...`; `on_enter(name)` is
+    called as each stage starts (the trainer records progress with it)."""
 
-    def __init__(self):
+    def __init__(self, on_enter=None):
         self.seconds: dict[str, float] = {}
+        self.on_enter = on_enter
 
     @contextlib.contextmanager
     def __call__(self, name: str):
+        if self.on_enter is not None:
+            self.on_enter(name)
         start = time.perf_counter()
         try:
             yield

@@ -144,13 +144,14 @@ def _verdict(codes: list[tuple[int, float]], errors: Path) -> tuple[int, str | N
         return EXIT_RESUMABLE, None  # the trainer said so itself
     failed = sorted((t, r, c) for r, (c, t) in enumerate(codes) if c not in (0, EXIT_RESUMABLE))
     written = {int(p.name[5:]): p.read_text().strip() for p in errors.glob("rank_*")}
-    if any(c == EXIT_USAGE for _, _, c in failed) and written:  # bad input: every rank says the same
-        rank = min(written)
-        return EXIT_USAGE, written[rank]
+    usage = [r for r in written if codes[r][0] == EXIT_USAGE]
+    if usage:  # bad input: every rank says the same, or one rank met it (a bad reward) and the others lost it
+        return EXIT_USAGE, written[min(usage, key=lambda r: (codes[r][1], r))]
     _, rank, code = failed[0]
     if code < 0:  # the first to go was killed by a signal
         return 1, f"rank {rank} was killed by {signal.Signals(-code).name}; the other ranks were stopped"
     first = min(written, key=lambda r: codes[r][1]) if written else None
-    if first is not None:
-        return (EXIT_USAGE if codes[first][0] == EXIT_USAGE else 1), f"rank {first}: {written[first]}"
+    if first is not None:  # a line that names its ranks itself (parallel/progress.py) is printed as it is
+        line = written[first] if written[first].startswith("rank ") else f"rank {first}: {written[first]}"
+        return (EXIT_USAGE if codes[first][0] == EXIT_USAGE else 1), line
     return 1, f"rank {rank} exited with status {code}; the other ranks were stopped"

@@ -68,6 +68,31 @@ def _synthetic(cfg, out: Path):
     return synthetic_paths(cfg)
 
 
+def check_output_dir(cfg) -> None:
+    """The run directory can be created and written: no part of its path is a file, and its nearest
+    existing ancestor takes a new file (probed with a temporary file, removed at once). A one-line
+    ValueError naming `run.output_dir` otherwise; nothing is left behind."""
+    import os
+    import tempfile
+
+    out = run_dir(cfg)
+    probe = out
+    while not probe.exists():
+        if probe.is_symlink():  # a dangling link
+            raise ValueError(f"run.output_dir: {probe} is a broken symbolic link; fix it or choose another run.output_dir")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"run.output_dir: {probe} is a file, not a directory, so {out} cannot be created; "
+                         "choose another run.output_dir or run.name")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".hybridflow_probe_")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ValueError(f"run.output_dir: cannot write in {probe} ({e.strerror}); choose a writable "
+                         "run.output_dir") from None
+
+
 def check_fresh_start(cfg, *, clear: bool = False) -> None:
     """With `trainer.resume=never`, the run directory must hold no complete checkpoint of an earlier run
     (a later `auto` would resume that one): a one-line ValueError, or with `run.overwrite=true` and

@@ -40,7 +40,9 @@ def rl_step(run, batch, step: int, *, evaluate: Callable[[], dict] | None = None
     reports too is a ValueError).
     """
     cfg = run.cfg
-    timer, start = Timer(), time.perf_counter()
+    progress = getattr(run, "progress", None)
+    timer = Timer(on_enter=(lambda stage: progress.arrive(stage, step)) if progress is not None else None)
+    start = time.perf_counter()
     evaluated: dict[str, float] = {}
     metrics: dict[str, float] = {}
     with timer("reshard"):

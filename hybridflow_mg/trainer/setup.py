@@ -11,10 +11,11 @@ from pathlib import Path
 
 
 from hybridflow_mg.algos import build_kl_controller
-from hybridflow_mg.data.datasets import PromptBatches, build_prompt_data
+from hybridflow_mg.data.datasets import PromptBatches
 from hybridflow_mg.data.tokenizer import Tokenizer
 from hybridflow_mg.parallel.grid import Grid, on_rank0
 from hybridflow_mg.parallel.launch import init_distributed
+from hybridflow_mg.parallel.progress import Progress
 from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.metrics.tracker import Tracker
 from hybridflow_mg.models.build import build_model
@@ -27,6 +28,7 @@ from hybridflow_mg.rollout.vllm_engine import VLLMEngine
 from hybridflow_mg.trainer.bootstrap import prepare_run, run_dir
 from hybridflow_mg.trainer.checkpoint import find_resume, weights_source
 from hybridflow_mg.trainer.config import TrainConfig, check_batch_split
+from hybridflow_mg.trainer.inputs import load_inputs
 from hybridflow_mg.trainer.workers import ModelWorker
 
 
@@ -59,6 +61,8 @@ class Run:
     """The checkpoint this run continues from (its weights are already in the models), or None."""
     resume_marker: dict | None = None
     """That checkpoint's marker (step, layout, world, files)."""
+    progress: Progress | None = None
+    """Where each rank is (stage and step), to name a rank that stops making progress."""
 
     def close(self) -> None:
         self.tracker.close()
@@ -93,23 +97,18 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     def prepare():  # the run directory, the checkpoint to resume from, the resolved config (and the synthetic task)
         return find_resume(cfg, run_dir(cfg)) + (prepare_run(cfg),)
 
-    resume, marker, cfg = on_rank0(prepare)
+    if cfg.model.synthetic is None:  # the inputs first: a bad one fails every rank before the run directory exists
+        tokenizer, (train_batches, val_batches), spec = load_inputs(cfg)
+        resume, marker, cfg = on_rank0(prepare)
+    else:  # the synthetic task's files are written by `prepare`
+        resume, marker, cfg = on_rank0(prepare)
+        tokenizer, (train_batches, val_batches), spec = load_inputs(cfg)
     grid = Grid.create(layout, device, seed=cfg.run.seed, timeout_minutes=cfg.dist.timeout_minutes)
     out = run_dir(cfg)
     tracker = Tracker(out if grid.is_logging_rank else None, resume_step=marker["step"] if marker else None,
                       console_keys=("reward_mean", "val_reward", "response_len", "kl", "pg_loss", "grad_norm",
                                     "rollout_logprob_diff", "seconds"))
 
-    tokenizer = Tokenizer.from_path(cfg.data.tokenizer or cfg.model.path)
-    train_batches, val_batches = build_prompt_data(cfg.data, tokenizer, default_seed=cfg.run.seed)
-
-    hf_config = read_hf_config(cfg.model.path)
-    spec = spec_from_hf(hf_config, head="lm", vocab_divisor=cfg.model.vocab_divisor)
-    longest = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
-    if spec.sliding_window is not None and longest > spec.sliding_window:
-        raise ValueError(f"sequences of up to {longest} tokens exceed the model's sliding window "
-                         f"{spec.sliding_window}, which training does not apply; keep data.max_prompt_length + "
-                         f"rollout.max_new_tokens ≤ {spec.sliding_window}")
     def weights(role_spec, role: str, default: str):  # the checkpoint's when resuming, else the HF directory's
         return weights_source(resume, role_spec, role) if resume is not None else default
 
@@ -142,4 +141,5 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
                val_batches=val_batches, spec=spec, naming=naming, actor=actor, ref=ref, critic=critic, reward_model=reward_model,
                engine=engine, hybrid=hybrid, reward_fn=reward_fn if reward_fn is not None else build_reward_fn(cfg.reward),
                kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling, needs=needs,
-               critic_spec=critic_spec, resume=resume, resume_marker=marker)
+               critic_spec=critic_spec, resume=resume, resume_marker=marker,
+               progress=Progress.of_world(cfg.dist.timeout_minutes))

@@ -169,10 +169,18 @@ class Trainer:
                 warm_start(run)
                 self._vllm_step = None  # the warm start changed the actor
             while self.step < cfg.trainer.total_steps:
-                if preemption.due():
-                    self._stop_resumable(preemption.requested)
-                    break
-                self.train_step()
+                try:
+                    if run.progress is not None:
+                        run.progress.arrive("the step boundary", self.step)
+                    if preemption.due():
+                        self._stop_resumable(preemption.requested)
+                        break
+                    self.train_step()
+                except Exception as e:  # a peer that stopped making progress is named (parallel/progress.py)
+                    explained = run.progress.explain(e) if run.progress is not None else e
+                    if explained is e:
+                        raise
+                    raise explained from e
         if self.preempted is None:
             if cfg.trainer.save_final:
                 self.save_checkpoint(run.run_dir / "checkpoints" / "final")
@@ -333,6 +341,8 @@ class Trainer:
         from hybridflow_mg.trainer.checkpoint import save_checkpoint
 
         run = self.setup()
+        if run.progress is not None:
+            run.progress.arrive("checkpoint", self.step)
         out = save_checkpoint(run, Path(path), self._own_state())
         self._saved_step = self.step
         on_rank0(prune, run.run_dir / "checkpoints", self.config.trainer.keep_last)
