@@ -5,8 +5,6 @@ folder must be byte-identical afterwards (nothing created, nothing half-written,
 Commands run in-process with the worker launcher and `torch.distributed` start replaced by a failure,
 so every check is shown to fire before a process or an engine would start.
 """
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -20,22 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from tests.clirun import cli
 from tests.multirank import ROOT
 from tests.tiny import llama_config, save_random_hf
 
 VOCAB, CONTEXT = 250, 128  # tests.tiny.llama_config
 SHARD = "model/mp_rank_00_000.safetensors"
 POISONED = "decoder.layers.0.mlp.linear_fc1.weight"
-
-
-def cli(*args):
-    """The command line in-process (same parsing and dispatch as `hybridflow-mg`)."""
-    from hybridflow_mg.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @dataclass(frozen=True)

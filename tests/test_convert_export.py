@@ -1,6 +1,4 @@
 """`hybridflow-mg convert` / `export` as users run them (single process): round trips and bad inputs."""
-import contextlib
-import io
 import json
 import shutil
 import subprocess
@@ -10,18 +8,9 @@ import pytest
 import torch
 
 from hybridflow_mg.models.hf_io import HFCheckpoint
+from tests.clirun import cli
 from tests.multirank import ROOT
 from tests.tiny import llama_config, save_random_hf
-
-
-def cli(*args):
-    """The command line in-process (same parsing and dispatch; no interpreter start per call)."""
-    from hybridflow_mg.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def test_a_real_process_exits_2_with_one_line(tmp_path):

@@ -6,10 +6,7 @@ process before a worker starts (`commands/train.py: preflight`, `trainer/inputs.
 tests are real 2-rank runs: a reward function that returns NaN on one rank, and one that blocks on one
 rank under `dist.timeout_minutes=1`.
 """
-import contextlib
-import io
 import json
-import subprocess
 import time
 
 import pyarrow as pa
@@ -17,19 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests import trainrun
+from tests.clirun import cli
 from tests.tiny import llama_config, save_random_hf
 
 ROW = {"prompt": [{"role": "user", "content": "1+1="}], "data_source": "openai/gsm8k",
        "reward_model": {"ground_truth": "2", "style": "rule"}}
-
-
-def cli(*args):
-    from hybridflow_mg.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +31,7 @@ def root(tmp_path_factory):
     model = save_random_hf(llama_config(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
                                         max_position_embeddings=128), root / "m")
     sentencepiece_to_hf(sp, model, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    bare = save_random_hf(llama_config(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, vocab_size=64),
+    save_random_hf(llama_config(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, vocab_size=64),
                           root / "no_tokenizer")
     pq.write_table(pa.Table.from_pylist([ROW] * 4), root / "good.parquet")
     pq.write_table(pa.Table.from_pylist([{**ROW, "prompt": 5}] * 4), root / "int_prompts.parquet")
@@ -131,3 +120,12 @@ def test_a_rank_that_blocks_is_named_within_the_timeout(tmp_path):
     assert trainrun.error_lines(proc)[0].startswith(
         "hybridflow-mg: error: rank 1 stopped making progress in stage 'reward' of step 1; the other ranks waited in "
         "'advantages' until dist.timeout_minutes=1 ran out"), proc.stderr[-2000:]
+
+
+def test_a_failed_setup_leaves_no_half_created_run_directory(tmp_path):
+    proc = trainrun.run(tmp_path, "failed", "parallel.train.tp=1", nproc=2, fault="raise:setup:0", timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    [line] = trainrun.error_lines(proc)
+    assert line.endswith(": RuntimeError: injected fault (HYBRIDFLOW_FAULT) at 'setup' in step 0 (HYBRIDFLOW_DEBUG=1 "
+                         "shows the traceback)"), line
+    assert not (tmp_path / "failed").exists()

@@ -1,6 +1,4 @@
 """`hybridflow-mg plan`: memory and reshard traffic against hand counts, `grid`, and the §2 formula."""
-import contextlib
-import io
 import json
 import math
 import subprocess
@@ -9,21 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.clirun import cli
 from tests.tiny import llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA70B = ROOT / "configs" / "models" / "llama3-70b.json"
 GIB = 2**30
-
-
-def cli(*args):
-    """The command line in-process (same parsing and dispatch; no interpreter start per call)."""
-    from hybridflow_mg.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def plan_json(*args):

@@ -1,23 +1,10 @@
 """`hybridflow-mg train` refuses bad input with one line before any process starts."""
-import contextlib
-import io
-import json
-import subprocess
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.clirun import cli
 from tests.tiny import llama_config, save_random_hf
-
-
-def cli(*args):
-    from hybridflow_mg.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, "", err.getvalue())
 
 
 @pytest.fixture(scope="module")

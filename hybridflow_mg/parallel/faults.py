@@ -6,8 +6,9 @@ Off unless `HYBRIDFLOW_FAULT` is set, as `KIND:POINT:STEP[:RANK]`:
     sigkill:step:4:1       rank 1 kills itself (SIGKILL) when RL step 4 starts
     sigkill:save:3:0       rank 0 kills itself during the save of step 3, after its first shard
     nan:loss:2             every rank's actor loss is NaN in step 2 (the update must be skipped)
+    raise:setup:0          every rank raises during setup, once the run directory exists
 
-Points are named where the code calls `trigger` ("step", "save", "loss"); the step is the RL step the
+Points are named where the code calls `trigger` ("setup", "step", "save", "loss"); the step is the RL step the
 trainer announced with `set_step`. Leaving RANK out means every rank.
 """
 from __future__ import annotations

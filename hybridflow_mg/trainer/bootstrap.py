@@ -18,10 +18,16 @@ def run_dir(cfg) -> Path:
     return Path(cfg.run.output_dir) / cfg.run.name
 
 
+SETTING_UP = ".setting_up"
+"""Marks a run directory this run's setup created and has not finished: a failed setup removes it."""
+
+
 def prepare_run(cfg):
     """(cfg with model/data paths filled in for synthetic runs, run directory). Logging rank only."""
     out = run_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        out.mkdir(parents=True)
+        (out / SETTING_UP).write_text("this run's setup has not finished; a failed setup removes this directory\n")
     if cfg.model.synthetic is not None:
         cfg = _synthetic(cfg, out)
     dump_config(cfg, out / "config.yaml")
@@ -66,6 +72,21 @@ def _synthetic(cfg, out: Path):
     torch.manual_seed(cfg.run.seed)
     transformers.LlamaForCausalLM(config).save_pretrained(model_dir, safe_serialization=True)
     return synthetic_paths(cfg)
+
+
+def setup_finished(out: Path) -> None:
+    """The run's setup succeeded: its directory stays whatever happens next (logging rank)."""
+    (out / SETTING_UP).unlink(missing_ok=True)
+
+
+def abandon_setup(cfg) -> None:
+    """After a failed setup: remove the run directory when this setup created it, so a failure leaves
+    no half-created run behind (logging rank; a directory that held an earlier run is kept)."""
+    import shutil
+
+    out = run_dir(cfg)
+    if (out / SETTING_UP).is_file():
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def check_output_dir(cfg) -> None:

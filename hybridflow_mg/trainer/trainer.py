@@ -119,9 +119,15 @@ class Trainer:
         if self._closed:
             raise RuntimeError("this Trainer was closed; build a new one")
         if self.run is None:
+            from hybridflow_mg.trainer.bootstrap import abandon_setup, setup_finished
             from hybridflow_mg.trainer.setup import build_run
 
-            self.run = build_run(self.config, reward_fn=self.reward_fn)
+            try:
+                self.run = build_run(self.config, reward_fn=self.reward_fn)
+            except BaseException:
+                if self.is_logging_rank:
+                    abandon_setup(self.config)
+                raise
             self.config = self.run.cfg  # with the synthetic run's paths filled in
             if self.run.val_batches is not None:
                 self.evaluators.insert(0, RegisteredEvaluator("validation", greedy_validation, None))
@@ -131,6 +137,8 @@ class Trainer:
                 self._load_own_state(load_checkpoint(self.run, self.run.resume, self.run.resume_marker))
                 if self.is_logging_rank:
                     print(f"resumed from {self.run.resume} at step {self.step}", flush=True)
+            if self.is_logging_rank:
+                setup_finished(self.run.run_dir)
         return self.run
 
     @property
