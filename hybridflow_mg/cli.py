@@ -77,6 +77,8 @@ def _fail(e: Exception) -> int:
 
         traceback.print_exc()
     rank = _rank()
+    if getattr(e, "already_said", False):  # another rank, or this rank's progress watchdog, said it
+        return EXIT_USAGE if isinstance(e, ValueError) else 1
     if isinstance(e, (ValueError, LaunchError, FileNotFoundError)):
         line, code = str(e), EXIT_USAGE
         if getattr(e, "one_rank", False) and _world() > 1:  # bad input met by this rank only: say which

@@ -126,7 +126,7 @@ def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
         check_finite(run, tmp_path / "step_1")  # finite: passes
         with torch.no_grad():
             layer.bias[1] = float("nan")
-        with pytest.raises(ValueError, match=r"not saving .*step_1: a weight is not finite \(actor bias on rank 0\)"):
+        with pytest.raises(RuntimeError, match=r"not saving .*step_1: a weight is not finite \(actor bias on rank 0\)"):
             check_finite(run, tmp_path / "step_1")
         assert not (tmp_path / "step_1").exists() and not training.partial_dir(tmp_path / "step_1").exists()
     finally:

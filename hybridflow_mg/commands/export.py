@@ -22,10 +22,11 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def find_nonfinite(ckpt_dir: Path, tp: int, pp: int) -> str | None:
-    """The first tensor of a checkpoint's shards holding NaN or inf, described in one line; None if none.
+def find_nonfinite(ckpt_dir: Path, shards: list[tuple[int, int]]) -> str | None:
+    """The first tensor of the checkpoint's `shards` ((tp, pp) ranks) holding NaN or inf, described in
+    one line; None if none.
 
-    Reads every shard once, one tensor in memory at a time; max and min propagate NaN and show inf,
+    Reads each shard once, one tensor in memory at a time; max and min propagate NaN and show inf,
     so a finite tensor costs two reductions and no tensor-sized mask.
     """
     import torch
@@ -33,22 +34,21 @@ def find_nonfinite(ckpt_dir: Path, tp: int, pp: int) -> str | None:
 
     from hybridflow_mg.checkpoint.megatron import shard_file
 
-    for pp_rank in range(pp):
-        for tp_rank in range(tp):
-            path = ckpt_dir / shard_file(tp_rank, pp_rank)
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt file
-                raise ValueError(f"checkpoint shard {str(path)!r} cannot be read ({e}); re-save or re-convert it") from None
-            with handle as f:
-                for key in f.keys():
-                    t = f.get_tensor(key)
-                    if not t.is_floating_point() or t.numel() == 0:
-                        continue
-                    if torch.isfinite(t.max()) and torch.isfinite(t.min()):
-                        continue
-                    nans, infs = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-                    return f"tensor {key!r} in {str(path)!r} has {nans} NaN and {infs} inf values"
+    for tp_rank, pp_rank in shards:
+        path = ckpt_dir / shard_file(tp_rank, pp_rank)
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as e:  # noqa: BLE001 - a missing, truncated or corrupt file
+            raise ValueError(f"checkpoint shard {str(path)!r} cannot be read ({e}); re-save or re-convert it") from None
+        with handle as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if not t.is_floating_point() or t.numel() == 0:
+                    continue
+                if torch.isfinite(t.max()) and torch.isfinite(t.min()):
+                    continue
+                nans, infs = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                return f"tensor {key!r} in {str(path)!r} has {nans} NaN and {infs} inf values"
     return None
 
 
@@ -61,12 +61,25 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {args.out!r} is a file; give a directory path for the HF model")
-    if not args.allow_nonfinite:  # every rank reads the same verdict; no rank starts writing before it
-        bad = find_nonfinite(Path(args.ckpt), source.meta.tp, source.meta.pp)
-        if bad:
-            raise ValueError(f"{bad}; the checkpoint is broken (a diverged run?): export an earlier one, "
-                             f"or pass --allow-nonfinite to export it as is")
     rank, world, barrier = launched_world()
+    if not args.allow_nonfinite:  # the ranks split the shards; every rank gets the verdict before any writes
+        shards = [(t, p) for p in range(source.meta.pp) for t in range(source.meta.tp)][rank::world]
+        try:
+            mine = find_nonfinite(Path(args.ckpt), shards)
+            if mine:
+                mine = (f"{mine}; the checkpoint is broken (a diverged run?): export an earlier one, or pass "
+                        "--allow-nonfinite to export it as is")
+        except ValueError as e:  # an unreadable shard: every rank must hear of it, not wait for this one
+            mine = str(e)
+        verdicts = [mine]
+        if world > 1:
+            import torch.distributed as dist
+
+            verdicts = [None] * world
+            dist.all_gather_object(verdicts, mine)
+        bad = next((v for v in verdicts if v), None)
+        if bad:
+            raise ValueError(bad)
     tokenizer = Path(args.ckpt) / "tokenizer"
     out = export_hf(source, args.out, source.meta.hf_config, max_shard_bytes=max_shard_bytes,
                     tokenizer_dir=tokenizer if tokenizer.is_dir() else None, rank=rank, world_size=world,

@@ -58,18 +58,18 @@ def run(args) -> int:
     launching = bool(args.nproc) and discover().world_size == 1
     if launching:  # the layout and batch split first: the config alone decides them
         from hybridflow_mg.commands.config import layout_of
+        from hybridflow_mg.trainer.bootstrap import finished
         from hybridflow_mg.trainer.config import check_batch_split
 
         check_batch_split(cfg, layout_of(cfg, args.nproc).dp)
+        done = finished(cfg)
+        if done:  # nothing to launch, and no data to read
+            print(done)
+            return 0
     preflight(cfg, launching=launching)
     if launching:
         from hybridflow_mg.parallel.local_launch import launch_local, without_nproc
-        from hybridflow_mg.trainer.bootstrap import finished
 
-        done = finished(cfg)
-        if done:  # nothing to launch
-            print(done)
-            return 0
         return launch_local(args.nproc, without_nproc(args.argv))
     from hybridflow_mg.parallel.local_launch import EXIT_RESUMABLE
     from hybridflow_mg.trainer.trainer import Trainer

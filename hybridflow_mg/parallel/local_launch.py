@@ -38,6 +38,8 @@ SETTLE_S = 3.0
 """After the first failure, how long the other workers get to exit on their own (a bad config fails
 every rank at once) before they are stopped."""
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+SAID_BEFORE_S = 1.0
+"""A rank's line written this long before the first worker exited explains that exit (see `_verdict`)."""
 
 
 def _worker_preexec() -> None:  # runs in the child between fork and exec
@@ -117,14 +119,14 @@ def _signal_group(worker: subprocess.Popen, signum: int) -> None:
 
 
 def _wait(workers: list[subprocess.Popen]) -> list[tuple[int, float]]:
-    """(exit code, time of exit) per worker; after the first failure the rest get `SETTLE_S` to exit,
+    """(exit code, wall-clock time of exit) per worker; after the first failure the rest get `SETTLE_S` to exit,
     then are killed."""
     done: dict[int, tuple[int, float]] = {}
     deadline = None
     while len(done) < len(workers):
         for rank, w in enumerate(workers):
             if rank not in done and w.poll() is not None:
-                done[rank] = (w.returncode, time.monotonic())
+                done[rank] = (w.returncode, time.time())  # wall clock: compared with error files' mtimes
                 if w.returncode not in (0, EXIT_RESUMABLE) and deadline is None:  # 75: the others are saving too
                     deadline = time.monotonic() + SETTLE_S
         if deadline is not None and time.monotonic() > deadline:
@@ -147,10 +149,14 @@ def _verdict(codes: list[tuple[int, float]], errors: Path) -> tuple[int, str | N
     usage = [r for r in written if codes[r][0] == EXIT_USAGE]
     if usage:  # bad input: every rank says the same, or one rank met it (a bad reward) and the others lost it
         return EXIT_USAGE, written[min(usage, key=lambda r: (codes[r][1], r))]
-    _, rank, code = failed[0]
-    if code < 0:  # the first to go was killed by a signal
+    died, rank, code = failed[0]
+    # lines written well before the first exit (a progress watchdog's, before NCCL aborts its process),
+    # not the echoes of that exit in the other ranks
+    said = [r for r in written if (errors / f"rank_{r}").stat().st_mtime <= died - SAID_BEFORE_S]
+    if code < 0 and not said:  # the first to go was killed by a signal, and nobody had said why
         return 1, f"rank {rank} was killed by {signal.Signals(-code).name}; the other ranks were stopped"
-    first = min(written, key=lambda r: codes[r][1]) if written else None
+    first = min(said, key=lambda r: (errors / f"rank_{r}").stat().st_mtime) if said else (
+        min(written, key=lambda r: codes[r][1]) if written else None)
     if first is not None:  # a line that names its ranks itself (parallel/progress.py) is printed as it is
         line = written[first] if written[first].startswith("rank ") else f"rank {first}: {written[first]}"
         return (EXIT_USAGE if codes[first][0] == EXIT_USAGE else 1), line

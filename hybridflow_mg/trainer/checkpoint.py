@@ -75,19 +75,26 @@ def save_weights(run, worker, spec, directory: Path, *, role: str, source: str) 
     on_rank0(meta)
 
 
+class NonFiniteWeights(RuntimeError):
+    """A trained weight holds NaN or inf: the run diverged (exit status 1; the message says it all)."""
+
+    plain = True
+
+
 def check_finite(run, directory: Path) -> None:
-    """Raise a one-line ValueError on every rank, before anything is written, when a weight of a trained
-    role holds NaN or inf on any rank (collective: one all-reduce): non-finite weights never reach a
-    checkpoint."""
-    bad = next((f"{role} {n} on rank {run.grid.rank}" for role, w in trainable(run)
-                for chunk in w.modules for n, p in chunk.named_parameters()
-                if not bool(torch.isfinite(torch.linalg.vector_norm(p.detach(), float("inf"))))), None)  # no full-size mask
+    """Raise `NonFiniteWeights` on every rank, before anything is written, when a weight of a trained
+    role holds NaN or inf on any rank (collective: one all-reduce; one device sync per rank): non-finite
+    weights never reach a checkpoint."""
+    params = [(role, n, p) for role, w in trainable(run) for chunk in w.modules for n, p in chunk.named_parameters()]
+    norms = torch.stack([torch.linalg.vector_norm(p.detach(), float("inf")).float() for _, _, p in params])  # no mask
+    bad = None if bool(torch.isfinite(norms).all()) else next(
+        f"{role} {n} on rank {run.grid.rank}" for (role, n, _), v in zip(params, norms.tolist()) if v != v or v == float("inf"))
     flag = torch.tensor([run.grid.rank + 1.0 if bad else 0.0], device=run.grid.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
         where = bad or f"rank {int(flag.item()) - 1}"
-        raise ValueError(f"not saving {directory}: a weight is not finite ({where}); the run diverged: lower the "
-                         "learning rate or resume from an earlier checkpoint")
+        raise NonFiniteWeights(f"not saving {directory}: a weight is not finite ({where}); the run diverged: lower "
+                               "the learning rate or resume from an earlier checkpoint")
 
 
 def save_checkpoint(run, directory: Path, state: dict) -> Path:

@@ -66,6 +66,8 @@ class Run:
     """Where each rank is (stage and step), to name a rank that stops making progress."""
 
     def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
         self.tracker.close()
         self.engine.shutdown()
         self.grid.destroy()

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from hybridflow_mg.algos import ADVANTAGES, AdvantageInput, compute_advantages, compute_kl, count_normalizers
 from hybridflow_mg.algos import token_rewards_from_scores
 from hybridflow_mg.data.datasets import PromptItem
-from hybridflow_mg.rewards import dynamic_sampling_mask, score_batch
+from hybridflow_mg.rewards import RewardValueError, dynamic_sampling_mask, score_batch
 from hybridflow_mg.rollout.hybrid_engine import dp_slice
 from hybridflow_mg.trainer.batch import Experience, Sequences
 from hybridflow_mg.trainer.roles import actor_head, actor_loss, critic_loss, score_head, value_head
@@ -124,13 +124,34 @@ def _rollouts(run, batch, completions) -> Rollouts:
 
 # --- rewards -----------------------------------------------------------------------------------------------
 def score(run, r: Rollouts) -> Rewards:
-    """Every sample's score; with greedy rollouts, each sample also gets its prompt's greedy score."""
-    scores = _sequence_scores(run, r)
-    if r.greedy is None:
-        return Rewards(scores=scores)
-    greedy = _sequence_scores(run, r.greedy)  # [prompts of this rank]
-    prompt = torch.searchsorted(r.greedy.seqs.group, r.seqs.group)  # each sample's row in `greedy`
-    return Rewards(scores=scores, baseline_scores=greedy[prompt])
+    """Every sample's score; with greedy rollouts, each sample also gets its prompt's greedy score.
+
+    Collective (one scalar all-reduce): a score that is not a finite number on any rank stops every
+    rank here, the rank that met it with its one-line `RewardValueError`, the others quietly (exit 2),
+    instead of leaving them to wait in the next collective until the timeout."""
+    bad: RewardValueError | None = None
+    scores = baseline = None
+    try:
+        scores = _sequence_scores(run, r)
+        if r.greedy is not None:
+            greedy = _sequence_scores(run, r.greedy)  # [prompts of this rank]
+            baseline = greedy[torch.searchsorted(r.greedy.seqs.group, r.seqs.group)]  # each sample's prompt row
+    except RewardValueError as e:
+        bad = e
+    flag = torch.tensor([1.0 if bad is not None else 0.0], device=run.grid.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if bad is not None:
+        raise bad
+    if flag.item():
+        raise PeerRewardError("another rank met a reward that is not a finite number (it says which)")
+    return Rewards(scores=scores, baseline_scores=baseline)
+
+
+class PeerRewardError(ValueError):
+    """Another rank's reward function returned a bad value; that rank prints the line, this one exits
+    with status 2 quietly."""
+
+    already_said = True
 
 
 def _sequence_scores(run, r: Rollouts) -> torch.Tensor:

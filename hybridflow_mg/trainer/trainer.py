@@ -124,19 +124,19 @@ class Trainer:
 
             try:
                 self.run = build_run(self.config, reward_fn=self.reward_fn)
+                self.config = self.run.cfg  # with the synthetic run's paths filled in
+                if self.run.resume is not None:
+                    from hybridflow_mg.trainer.checkpoint import load_checkpoint
+
+                    self._load_own_state(load_checkpoint(self.run, self.run.resume, self.run.resume_marker))
+                    if self.is_logging_rank:
+                        print(f"resumed from {self.run.resume} at step {self.step}", flush=True)
             except BaseException:
-                if self.is_logging_rank:
+                if self.is_logging_rank:  # a run directory this setup created goes with it
                     abandon_setup(self.config)
                 raise
-            self.config = self.run.cfg  # with the synthetic run's paths filled in
             if self.run.val_batches is not None:
                 self.evaluators.insert(0, RegisteredEvaluator("validation", greedy_validation, None))
-            if self.run.resume is not None:
-                from hybridflow_mg.trainer.checkpoint import load_checkpoint
-
-                self._load_own_state(load_checkpoint(self.run, self.run.resume, self.run.resume_marker))
-                if self.is_logging_rank:
-                    print(f"resumed from {self.run.resume} at step {self.step}", flush=True)
             if self.is_logging_rank:
                 setup_finished(self.run.run_dir)
         return self.run
