@@ -117,9 +117,9 @@ def test_a_rank_that_blocks_is_named_within_the_timeout(tmp_path):
     assert time.monotonic() - start < 180
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert trainrun.error_lines(proc) == [trainrun.error_lines(proc)[0]]
-    assert trainrun.error_lines(proc)[0].startswith(
-        "hybridflow-mg: error: rank 1 stopped making progress in stage 'reward' of step 1; the other ranks waited in "
-        "'advantages' until dist.timeout_minutes=1 ran out"), proc.stderr[-2000:]
+    line = trainrun.error_lines(proc)[0]
+    assert line.startswith("hybridflow-mg: error: rank 1 stopped making progress in stage 'reward' of step 1; the other "
+                           "ranks waited in 'reward agreement' until dist.timeout_minutes=1 ran out"), proc.stderr[-2000:]
 
 
 def test_a_failed_setup_leaves_no_half_created_run_directory(tmp_path):

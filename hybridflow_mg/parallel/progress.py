@@ -50,7 +50,7 @@ class Progress:
     def __init__(self, store, rank: int, world: int, timeout_minutes: float | None = None, *, watch: bool = True):
         self.store, self.rank, self.world = store, rank, world
         self.timeout_minutes = timeout_minutes
-        self.count, self.entered = 0, time.monotonic()
+        self.count, self.entered, self.step = 0, time.monotonic(), 0
         self.reported: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -71,12 +71,14 @@ class Progress:
             store = None
         return cls(store, dist.get_rank(), dist.get_world_size(), timeout_minutes)
 
-    def arrive(self, stage: str, step: int) -> None:
-        """Record that this rank entered `stage` of `step` (one store write)."""
+    def arrive(self, stage: str, step: int | None = None) -> None:
+        """Record that this rank entered `stage` of `step` (default: the step of the last record; one
+        store write). Call it before each collective that a stalled peer would leave waiting."""
         with self._lock:
             self.count += 1
             self.entered = time.monotonic()
-            count = self.count
+            self.step = self.step if step is None else step
+            count, step = self.count, self.step
         if self.store is not None:
             try:
                 self.store.set(f"{PREFIX}{self.rank}", f"{count}|{step}|{stage}")

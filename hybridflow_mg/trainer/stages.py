@@ -138,6 +138,8 @@ def score(run, r: Rollouts) -> Rewards:
             baseline = greedy[torch.searchsorted(r.greedy.seqs.group, r.seqs.group)]  # each sample's prompt row
     except RewardValueError as e:
         bad = e
+    if getattr(run, "progress", None) is not None:  # a rank still scoring is then behind the others
+        run.progress.arrive("reward agreement")
     flag = torch.tensor([1.0 if bad is not None else 0.0], device=run.grid.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if bad is not None:
