@@ -116,6 +116,16 @@ def test_kl_estimators_by_hand():
     _close(k3.detach(), [[0.5 - 1 + ln2, 2 - 1 - ln2]])  # r − 1 − log r with r = 0.5, 2
     k3.sum().backward()
     _close(logp.grad, [[1 - 0.5, 1 - 2.0]])  # d k3 / d logp = 1 − r
+    _close(KL_ESTIMATORS.get("abs")(logp, ref).detach(), [[ln2, ln2]])  # |log r|
+
+
+def test_kl_estimator_names_from_verl_configs_are_aliases():
+    # verl: kl = k1, mse = k2, low_var_kl = k3; `abs` is its own estimator (above)
+    logp = torch.tensor([[math.log(0.5), math.log(0.2)]], dtype=F64)
+    ref = torch.tensor([[math.log(0.25), math.log(0.4)]], dtype=F64)
+    for alias, name in (("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3")):
+        assert torch.equal(KL_ESTIMATORS.get(alias)(logp, ref), KL_ESTIMATORS.get(name)(logp, ref)), alias
+        KLConfig(estimator=alias)  # accepted by the config check
 
 
 def test_kl_log_ratio_is_clamped():
@@ -176,7 +186,7 @@ def test_actor_loss_mat_adds_kl_and_entropy_terms():
 def test_unknown_loss_and_estimator_names_list_valid_ones():
     with pytest.raises(ValueError, match="valid names: clip_higher, dual_clip, gspo, ppo_clip"):
         POLICY_LOSSES.get("ppo")
-    with pytest.raises(ValueError, match="valid names: k1, k2, k3"):
+    with pytest.raises(ValueError, match="valid names: abs, k1, k2, k3, kl, low_var_kl, mse"):
         KL_ESTIMATORS.get("k4")
     with pytest.raises(ValueError, match="valid names: adaptive, fixed"):
         KL_CONTROLLERS.get("pid")

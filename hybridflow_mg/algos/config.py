@@ -124,7 +124,8 @@ class KLConfig:
     """Add coef · KL per token to the actor loss (GRPO style). k1 in the loss has a zero-mean gradient
     on-policy; prefer k2 or k3 there."""
     estimator: str = "k3"
-    """Registered KL estimator: k1 (log r), k2 (½ (log r)²), k3 (r − 1 − log r), with r = π_ref / π."""
+    """Registered KL estimator: k1 (−log r), k2 (½ (log r)²), k3 (r − 1 − log r), abs (|log r|), with
+    r = π_ref / π; verl's names kl, mse and low_var_kl are aliases of k1, k2 and k3."""
     coef: float = 0.001
     """Initial KL coefficient β (the controller may change it)."""
     controller: str = "fixed"

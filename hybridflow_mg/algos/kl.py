@@ -6,6 +6,11 @@ with r = π_ref(y_t) / π(y_t), i.e. log r = ref_logprob − logprob:
     k1 = −log r              unbiased, can be negative per token
     k2 = ½ (log r)²          biased, low variance, ≥ 0
     k3 = r − 1 − log r       unbiased, low variance, ≥ 0
+    abs = |log r|            biased, ≥ 0
+
+Names carried over from verl configs are aliases: ``kl`` is k1, ``mse`` is k2, ``low_var_kl`` is k3
+(verl clamps its k3 to [−10, 10] per token; here log r is clamped instead, as below, which differs
+only where |log r| > ~2.4, a token whose KL is already far outside any sane band).
 
 (k1 is −log r, not log r: E_π[log r] = −KL, and a penalty must be +KL.) log r is clamped to
 ±LOG_RATIO_LIMIT (20) before use, so exp(log r) in k3 stays finite; past the clamp the gradient is 0.
@@ -33,12 +38,14 @@ KL_ESTIMATORS: Registry[KLEstimatorFn] = Registry("KL estimator")
 
 
 @KL_ESTIMATORS.register("k1")
+@KL_ESTIMATORS.register("kl")
 def k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """−log r = logprob − ref_logprob (clamped)."""
     return -clamped_log_ratio(ref_logprobs, logprobs)
 
 
 @KL_ESTIMATORS.register("k2")
+@KL_ESTIMATORS.register("mse")
 def k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """½ (log r)²."""
     log_r = clamped_log_ratio(ref_logprobs, logprobs)
@@ -46,10 +53,17 @@ def k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 @KL_ESTIMATORS.register("k3")
+@KL_ESTIMATORS.register("low_var_kl")
 def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """r − 1 − log r (≥ 0; its gradient in logprob is 1 − r)."""
     log_r = clamped_log_ratio(ref_logprobs, logprobs)
     return torch.exp(log_r) - 1.0 - log_r
+
+
+@KL_ESTIMATORS.register("abs")
+def abs_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """|log r| (clamped): a ≥ 0 penalty whose gradient in logprob is sign(logprob − ref_logprob)."""
+    return clamped_log_ratio(ref_logprobs, logprobs).abs()
 
 
 def compute_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, response_mask: torch.Tensor,
