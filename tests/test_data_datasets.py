@@ -86,15 +86,35 @@ def test_long_prompts_are_dropped_and_counted(sp_tok, tmp_path):
     lengths = [len(sp_tok.apply_chat_template(r["prompt"])) for r in rows]
     limit = sorted(lengths)[len(lengths) // 2]
     path = _write_parquet(tmp_path / "t.parquet", rows)
-    data = load_prompts([path, path], sp_tok, max_prompt_length=limit)  # the same file twice: indices continue
+    data = load_prompts([path, path], sp_tok, max_prompt_length=limit, truncation="drop")  # indices continue
     assert data.num_rows == 2 * len(rows)
-    assert data.num_dropped_too_long == 2 * sum(n > limit for n in lengths)
+    assert data.num_dropped_too_long == 2 * sum(n > limit for n in lengths) and data.num_truncated == 0
     assert all(len(it.prompt_ids) <= limit for it in data.items)
     assert [it.index for it in data.items] == [i for i in range(2 * len(rows)) if lengths[i % len(rows)] <= limit]
-    assert f"{data.num_dropped_too_long} of {data.num_rows} dropped" in data.summary()
+    assert f"{data.num_dropped_too_long} dropped and 0 truncated" in data.summary()
     n = len(rows)
     with pytest.raises(ValueError, match=rf"all {n} prompts .* longer than max_prompt_length=3 tokens \({n} dropped\)"):
-        load_prompts([path], sp_tok, max_prompt_length=3)
+        load_prompts([path], sp_tok, max_prompt_length=3, truncation="drop")
+
+
+def test_a_long_prompt_is_an_error_naming_its_row_unless_truncation_says_otherwise(sp_tok, tmp_path):
+    rows = _verl_rows()
+    full = [sp_tok.apply_chat_template(r["prompt"]) for r in rows]  # templated ids are what is measured
+    limit = sorted(map(len, full))[len(full) // 2]
+    first_long = next(i for i, ids in enumerate(full) if len(ids) > limit)
+    path = _write_parquet(tmp_path / "t.parquet", rows)
+    with pytest.raises(ValueError, match=rf"row {first_long}: the prompt has {len(full[first_long])} tokens after the "
+                                         rf"chat template, more than data.max_prompt_length={limit}; .*data.truncation"):
+        load_prompts([path], sp_tok, max_prompt_length=limit)  # the default is error
+    for side in ("left", "right"):
+        data = load_prompts([path], sp_tok, max_prompt_length=limit, truncation=side)
+        assert len(data) == len(rows) and data.num_dropped_too_long == 0
+        assert data.num_truncated == sum(len(ids) > limit for ids in full)
+        for item, ids in zip(data.items, full):
+            assert item.prompt_ids == (ids if len(ids) <= limit else ids[-limit:] if side == "left" else ids[:limit])
+        assert f"0 dropped and {data.num_truncated} truncated" in data.summary()
+    with pytest.raises(ValueError, match="truncation must be one of error, drop, left, right, got 'middle'"):
+        DataConfig(train_files=["a.parquet"], truncation="middle")
 
 
 def test_seeded_shuffle_and_batching(sp_tok, tmp_path):

@@ -30,7 +30,7 @@ from hybridflow_mg.utils.registry import Registry
 
 AdvantageFn = Callable[["AdvantageInput", AdvantageConfig], tuple[torch.Tensor, torch.Tensor]]
 ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator",
-                                             needs=("values", "ref_logprobs", "greedy_baseline"))
+                                             needs=("values", "ref_logprobs", "greedy_baseline", "groups"))
 
 
 @dataclass(kw_only=True)
@@ -166,7 +166,7 @@ def gae(inp: AdvantageInput, cfg: AdvantageConfig) -> tuple[torch.Tensor, torch.
     return adv, returns
 
 
-@ADVANTAGES.register("grpo")
+@ADVANTAGES.register("grpo", needs=("groups",))
 def grpo(inp: AdvantageInput, cfg: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO (DeepSeekMath, arXiv 2402.03300): (s − group mean) / (group std + eps), unbiased std.
 
@@ -182,7 +182,7 @@ def grpo(inp: AdvantageInput, cfg: AdvantageConfig) -> tuple[torch.Tensor, torch
     return _broadcast(adv, inp.mask())
 
 
-@ADVANTAGES.register("rloo")
+@ADVANTAGES.register("rloo", needs=("groups",))
 def rloo(inp: AdvantageInput, cfg: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """RLOO (Ahmadian et al. 2024, arXiv 2402.14740): s_i − mean of the other members of the group,
     i.e. n/(n−1) · (s_i − group mean). A one-member group has no other member and gets 0."""
@@ -203,7 +203,7 @@ def reinforce_plus_plus(inp: AdvantageInput, cfg: AdvantageConfig) -> tuple[torc
     return masked_whiten(returns, mask, cfg.eps), returns
 
 
-@ADVANTAGES.register("reinforce_plus_plus_baseline")
+@ADVANTAGES.register("reinforce_plus_plus_baseline", needs=("groups",))
 def reinforce_plus_plus_baseline(inp: AdvantageInput, cfg: AdvantageConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """REINFORCE++-baseline (arXiv 2501.03262): s − group mean, broadcast over the tokens, then whitened
     over all valid tokens of the batch. A one-member group centres to 0 before the whitening."""

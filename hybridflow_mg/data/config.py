@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SUPPORTED_EXTENSIONS = (".parquet", ".jsonl")
+TRUNCATIONS = ("error", "drop", "left", "right")
 
 
 def _check_files(key: str, files: list[str]) -> None:
@@ -46,7 +47,13 @@ class DataConfig:
     """Wrap text prompts as one user message and apply the chat template (for chat models fed
     plain-text prompts); off, text is encoded as written."""
     max_prompt_length: int = 1024
-    """Prompts with more tokens than this (after the chat template) are dropped and counted."""
+    """Longest prompt in tokens, measured after the chat template; what happens to a longer one is
+    `truncation`."""
+    truncation: str = "error"
+    """A prompt longer than max_prompt_length: ``error`` stops before the run starts, naming the row;
+    ``drop`` leaves it out; ``left`` keeps its last max_prompt_length tokens (cuts the start, e.g. a
+    long system prompt); ``right`` keeps its first ones (cuts the question's end). The number dropped
+    or truncated is printed at the start and logged with step 1 (`data/*` metrics)."""
     prompts_per_step: int = 32
     """Prompts per training step (each is sampled n times by the rollout); the last partial batch of
     an epoch is dropped so every step has this many."""
@@ -65,6 +72,8 @@ class DataConfig:
                 raise ValueError(f"{key} must name a column")
         if self.ground_truth_key == "":
             raise ValueError("ground_truth_key must name a column, or be null for prompts without one")
+        if self.truncation not in TRUNCATIONS:
+            raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {self.truncation!r}")
         for key in ("max_prompt_length", "prompts_per_step"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

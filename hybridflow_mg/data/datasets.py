@@ -1,4 +1,4 @@
-"""Prompt datasets: read parquet/jsonl, tokenize, drop over-long prompts, and batch in a seeded order.
+"""Prompt datasets: read parquet/jsonl, tokenize, handle over-long prompts, and batch in a seeded order.
 
     train, val = build_prompt_data(cfg.data, tokenizer, default_seed=cfg.run.seed)
     batch = next(train)            # PromptBatch of cfg.data.prompts_per_step prompts
@@ -6,7 +6,8 @@
 
 Every rank runs this with the same files and seed and gets the same batches in the same order; the
 trainer decides which rank generates for which prompt. All prompts are tokenized once at load time,
-so the length filter is exact and the number dropped is known before the first step.
+so the length check is exact (templated ids are what is measured) and the number of prompts dropped or
+truncated (`data.truncation`) is known before the first step.
 
 A user mistake in the data (missing file, unknown extension, absent column, malformed jsonl line,
 nothing left to train on) is one ValueError line naming the file and the fix.
@@ -73,24 +74,26 @@ class PromptBatch:
 
 @dataclass(frozen=True)
 class PromptDataset:
-    """The prompts of some files that fit `max_prompt_length`, and how many did not."""
+    """The prompts of some files, each within `max_prompt_length` tokens, and how many were not."""
 
     items: list[PromptItem]
     files: list[str]
     num_rows: int
-    """Rows read, before the length filter."""
+    """Rows read, before the length check."""
     num_dropped_too_long: int
-    """Rows dropped because their prompt has more than `max_prompt_length` tokens."""
+    """Rows dropped because their prompt has more than `max_prompt_length` tokens (truncation=drop)."""
     max_prompt_length: int
+    num_truncated: int = 0
+    """Prompts cut to `max_prompt_length` tokens (truncation=left or right)."""
 
     def __len__(self) -> int:
         return len(self.items)
 
     def summary(self) -> str:
-        return (
-            f"{len(self.items)} prompts from {len(self.files)} file(s); {self.num_dropped_too_long} of "
-            f"{self.num_rows} dropped as longer than {self.max_prompt_length} tokens"
-        )
+        """One line: prompts kept, and how many were dropped or truncated for length."""
+        cut = f"{self.num_dropped_too_long} dropped and {self.num_truncated} truncated"
+        return (f"{len(self.items)} prompts from {len(self.files)} file(s) ({self.num_rows} rows); {cut} as longer "
+                f"than max_prompt_length={self.max_prompt_length} tokens")
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -185,12 +188,14 @@ def load_prompts(
     extra_info_key: str = "extra_info",
     text_prompts_as_chat: bool = False,
     max_prompt_length: int = 1024,
+    truncation: str = "error",
 ) -> PromptDataset:
-    """Read, tokenize and length-filter the prompts of `files` (see `DataConfig` for the keys)."""
+    """Read and tokenize the prompts of `files`, applying `truncation` (error, drop, left, right; see
+    `DataConfig.truncation`) to those over `max_prompt_length` tokens. Raises one-line ValueErrors."""
     if not files:
         raise ValueError("no data files given; set data.train_files (parquet or jsonl)")
     items: list[PromptItem] = []
-    num_rows = num_dropped = 0
+    num_rows = num_dropped = num_truncated = 0
     for path in files:
         rows = read_rows(path)
         if not rows:
@@ -221,8 +226,15 @@ def load_prompts(
             index = num_rows
             num_rows += 1
             if len(ids) > max_prompt_length:
-                num_dropped += 1
-                continue
+                if truncation == "error":
+                    raise ValueError(f"{where}: the prompt has {len(ids)} tokens after the chat template, more than "
+                                     f"data.max_prompt_length={max_prompt_length}; raise it, shorten the prompt, or "
+                                     f"set data.truncation to drop, left or right")
+                if truncation == "drop":
+                    num_dropped += 1
+                    continue
+                ids = ids[-max_prompt_length:] if truncation == "left" else ids[:max_prompt_length]
+                num_truncated += 1
             items.append(PromptItem(index=index, prompt_ids=ids, ground_truth=truth, data_source=source, extra_info=dict(info)))
     if not items:
         raise ValueError(
@@ -231,7 +243,7 @@ def load_prompts(
         )
     return PromptDataset(
         items=items, files=[str(f) for f in files], num_rows=num_rows, num_dropped_too_long=num_dropped,
-        max_prompt_length=max_prompt_length,
+        max_prompt_length=max_prompt_length, num_truncated=num_truncated,
     )
 
 
@@ -313,6 +325,7 @@ def build_prompt_data(cfg: DataConfig, tokenizer: Tokenizer, *, default_seed: in
         extra_info_key=cfg.extra_info_key,
         text_prompts_as_chat=cfg.text_prompts_as_chat,
         max_prompt_length=cfg.max_prompt_length,
+        truncation=cfg.truncation,
     )
     seed = cfg.seed if cfg.seed is not None else default_seed
     train = PromptBatches(load_prompts(cfg.train_files, tokenizer, **keys), cfg.prompts_per_step, shuffle=cfg.shuffle, seed=seed)

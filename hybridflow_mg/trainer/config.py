@@ -228,6 +228,11 @@ class TrainConfig:
         if self.rollout.temperature <= 0:
             raise ValueError("rollout.temperature must be positive for RL (log-probs are taken at that "
                              "temperature); greedy decoding is only for validation")
+        if "groups" in self.algo.needs and self.rollout.n < 2:
+            raise ValueError(f"algo.advantage.estimator={self.algo.advantage.estimator} compares the samples of one "
+                             f"prompt, and rollout.n={self.rollout.n} gives one-member groups whose advantages "
+                             f"are all 0 (nothing is learned); set rollout.n ≥ 2, or use an estimator without "
+                             f"groups (reinforce_plus_plus, gae, remax)")
         if self.model.path is None and self.model.synthetic is None:
             raise ValueError("model.path (an HF directory) or model.synthetic is required")
         if self.model.synthetic is None and not self.data.train_files:

@@ -75,6 +75,8 @@ def rl_step(run, batch, step: int, *, evaluate: Callable[[], dict] | None = None
             metrics.update(update(run, run.critic, experience, actor=False).metrics)
     batch_stats = step_metrics(run, rollouts, rewards, experience, adv.keep, reshard)
     metrics.update(batch_stats.metrics)
+    if adv.groups_without_signal is not None:
+        metrics["groups_without_signal"] = adv.groups_without_signal
     metrics.update({f"time/{k}": v for k, v in timer.seconds.items()}, seconds=time.perf_counter() - start)
     # the controller steers the KL the actor was penalised with, else the KL measured on the rollouts
     kl = actor.kl if actor.kl is not None else batch_stats.rollout_kl

@@ -111,6 +111,10 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     tracker = Tracker(out if grid.is_logging_rank else None, resume_step=marker["step"] if marker else None,
                       console_keys=("reward_mean", "val_reward", "response_len", "kl", "pg_loss", "grad_norm",
                                     "rollout_logprob_diff", "seconds"))
+    if grid.is_logging_rank:
+        for split, batches in (("train", train_batches), ("validation", val_batches)):
+            if batches is not None:
+                print(f"{split} data: {batches.dataset.summary()}", flush=True)
     faults.trigger("setup")  # tests fail a setup here: the run directory exists, with its config and trackers
 
     def weights(role_spec, role: str, default: str):  # the checkpoint's when resuming, else the HF directory's

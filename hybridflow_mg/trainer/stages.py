@@ -64,6 +64,10 @@ class Advantages:
     """[B, T] fp32 the critic's targets (gae); a copy of the advantages for outcome estimators."""
     keep: torch.Tensor
     """[B] bool False for samples of groups that DAPO's dynamic sampling drops."""
+    groups_without_signal: float | None = None
+    """Share of the batch's prompt groups whose samples all scored the same, so a group-relative
+    estimator gives them advantage 0 (None for estimators without groups). Near 1, the step learns
+    little: the task is too easy or too hard for the policy (DAPO's dynamic sampling drops them)."""
 
 
 @dataclass
@@ -223,12 +227,16 @@ def advantages(run, seqs: Sequences, rewards: Rewards, *, old_logprobs: torch.Te
                          if rewards.baseline_scores is not None else None),
         ref_logprobs=_gather_dp(run, ref_logprobs, width) if "ref_logprobs" in needs else None)
     adv, ret = compute_advantages(inputs, cfg.algo.advantage)
-    keep = torch.ones(len(all_scores), dtype=torch.bool)
-    if cfg.reward.dynamic_sampling:
-        keep = dynamic_sampling_mask(all_scores, group).keep
+    keep, without_signal = torch.ones(len(all_scores), dtype=torch.bool), None
+    if cfg.reward.dynamic_sampling or "groups" in needs:
+        varied = dynamic_sampling_mask(all_scores, group)
+        if cfg.reward.dynamic_sampling:
+            keep = varied.keep
+        if "groups" in needs:
+            without_signal = varied.num_groups_dropped / max(varied.num_groups_kept + varied.num_groups_dropped, 1)
     rows = slice(run.grid.train.dp * len(seqs), (run.grid.train.dp + 1) * len(seqs))
     return Advantages(advantages=adv[rows, :seqs.resp_len].float(), returns=ret[rows, :seqs.resp_len].float(),
-                      keep=keep[rows])
+                      keep=keep[rows], groups_without_signal=without_signal)
 
 
 # --- updates -------------------------------------------------------------------------------------------------

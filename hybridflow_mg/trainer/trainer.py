@@ -240,6 +240,12 @@ class Trainer:
         skipped = metrics.get("update_skipped", 0.0) + metrics.get("critic/update_skipped", 0.0)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         metrics.update(lr=lr, bad_steps=self.bad_steps)
+        if step == 1:  # what the length check did to the data, once (printed at setup too)
+            for split, batches in (("train", run.train_batches), ("val", run.val_batches)):
+                if batches is not None:
+                    metrics[f"data/{split}_prompts"] = len(batches.dataset)
+                    metrics[f"data/{split}_dropped_too_long"] = batches.dataset.num_dropped_too_long
+                    metrics[f"data/{split}_truncated"] = batches.dataset.num_truncated
         self.step, self.metrics = step, metrics
         run.tracker.log(step, metrics)
         self._call("on_step_end", step, metrics)

@@ -23,7 +23,7 @@ def warm_start(run) -> list[float]:
         d = run.cfg.data
         items = load_prompts(cfg.files, tok, prompt_key=d.prompt_key, ground_truth_key=d.ground_truth_key,
                              data_source_key=d.data_source_key, extra_info_key=d.extra_info_key,
-                             max_prompt_length=d.max_prompt_length).items
+                             max_prompt_length=d.max_prompt_length, truncation=d.truncation).items
     pairs = [(it.prompt_ids, tok.encode(str((it.extra_info or {}).get("answer", it.ground_truth))) + [tok.eos_id])
              for it in items]
     rng = random.Random(run.cfg.run.seed)

@@ -25,6 +25,8 @@ NEEDS: dict[str, str] = {
     "ref_logprobs": "log π_ref of every response token (the run builds the frozen reference model)",
     "greedy_baseline": "the score of one greedy response per prompt, sampled each step with the "
                        "current policy (ReMax's baseline, arXiv 2310.10505)",
+    "groups": "rollout.n ≥ 2 samples per prompt: a group-relative baseline of a one-member group is the "
+              "sample itself, so every advantage would be 0 and nothing would be learned",
 }
 """What a registry entry may declare it needs, and what the run then provides."""
 
