@@ -16,7 +16,7 @@ from hybridflow_mg.config.load import ConfigError, build
 def test_defaults_build():
     cfg = AlgoConfig()
     assert (cfg.advantage.estimator, cfg.policy_loss.name, cfg.kl.estimator) == ("grpo", "ppo_clip", "k3")
-    assert cfg.needs == {"ref_logprobs"}  # KL in the loss by default: a reference model, no critic
+    assert cfg.needs == {"ref_logprobs", "groups"}  # KL in the loss by default: a reference model, no critic
     assert AlgoConfig(advantage=AdvantageConfig(estimator="gae")).needs == {"values", "ref_logprobs"}
     assert AlgoConfig(advantage=AdvantageConfig(estimator="remax"), kl=KLConfig(use_in_loss=False)).needs == \
         {"greedy_baseline"}
@@ -83,7 +83,8 @@ def test_registry_entries_declare_what_they_need():
     from hybridflow_mg.utils.registry import Registry
 
     assert ADVANTAGES.needs("gae") == {"values"} and ADVANTAGES.needs("remax") == {"greedy_baseline"}
-    assert ADVANTAGES.needs("grpo") == frozenset() and POLICY_LOSSES.needs("ppo_clip") == frozenset()
+    assert ADVANTAGES.needs("grpo") == {"groups"} and POLICY_LOSSES.needs("ppo_clip") == frozenset()
+    assert ADVANTAGES.needs("reinforce_plus_plus") == frozenset()
     with pytest.raises(ValueError, match="declares needs \\['greedy_baseline'\\] that a policy loss cannot get; "
                                          "valid: ref_logprobs, values"):
         POLICY_LOSSES.register("x", needs=("greedy_baseline",))
