@@ -67,6 +67,11 @@ CASES = {  # name: (extra arguments given the fixture's root, a part of the one 
                                                      "rollout.n=1 gives one-member groups"),
     "max_new_tokens beyond the context": (lambda root: ["rollout.max_new_tokens=500"],
                                           "exceed the model's max_position_embeddings"),
+    "a stop token outside the tokenizer": (lambda root: ["rollout.stop_token_ids=[64]"],
+                                           "rollout.stop_token_ids: 64 is not a token id of the tokenizer"),
+    "pipeline stages that do not split the layers": (
+        lambda root: ["parallel.train.pp=2", "parallel.train.vpp=2"],
+        "parallel.train (tp=1, pp=2, vpp=2) cannot split model.path"),
     "output_dir is a file": (lambda root: [f"run.output_dir={root / 'a_file'}"], "is a file, not a directory"),
     "output_dir under a file": (lambda root: [f"run.output_dir={root / 'a_file' / 'x'}"], "is a file"),
     "output_dir not writable": (lambda root: ["run.output_dir=/sys/hybridflow_test"], "cannot write in /sys"),

@@ -19,7 +19,9 @@ def setup(tmp_path_factory):
     (root / "empty.jsonl").write_text("\n")
     (root / "broken_reward.py").write_text("def score(:\n")
     preset = root / "preset.yaml"
-    preset.write_text(f"model: {{path: {model}}}\ndata: {{train_files: [{root / 'good.parquet'}]}}\n")
+    # one sample per prompt (rollout.n=1): an estimator without groups
+    preset.write_text(f"model: {{path: {model}}}\ndata: {{train_files: [{root / 'good.parquet'}]}}\n"
+                      "algo: {advantage: {estimator: reinforce_plus_plus}}\n")
     return root, preset
 
 

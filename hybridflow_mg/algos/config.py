@@ -8,6 +8,7 @@ registry's own message, which lists the valid names. Register custom entries bef
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -36,6 +37,12 @@ def _check_positive(key: str, value: float) -> None:
         raise ValueError(f"{key} must be a positive number, got {value!r}")
 
 
+def _check_weight(key: str, value: float) -> None:
+    """A loss weight: finite and ≥ 0 (NaN or inf would turn every update into a skipped non-finite one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{key} must be a finite number ≥ 0, got {value!r}")
+
+
 @dataclass(kw_only=True)
 class AdvantageConfig:
     """How advantages (and critic targets) are computed from rewards; see `advantages.py`."""
@@ -57,7 +64,8 @@ class AdvantageConfig:
         _check_name("estimator", self.estimator, "ADVANTAGES")
         _check_range("gamma", self.gamma, 0.0, 1.0)
         _check_range("lam", self.lam, 0.0, 1.0)
-        _check_positive("eps", self.eps)
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not 0 < self.eps < math.inf:
+            raise ValueError(f"eps must be a finite positive number, got {self.eps!r}")
 
 
 @dataclass(kw_only=True)
@@ -138,8 +146,7 @@ class KLConfig:
     def __post_init__(self):
         _check_name("estimator", self.estimator, "KL_ESTIMATORS")
         _check_name("controller", self.controller, "KL_CONTROLLERS")
-        if isinstance(self.coef, bool) or not isinstance(self.coef, (int, float)) or self.coef < 0:
-            raise ValueError(f"coef must be a number ≥ 0, got {self.coef!r}")
+        _check_weight("coef", self.coef)
         _check_positive("target", self.target)
         if not isinstance(self.horizon, int) or isinstance(self.horizon, bool) or self.horizon <= 0:
             raise ValueError(f"horizon must be a positive integer, got {self.horizon!r}")
@@ -177,8 +184,7 @@ class EntropyConfig:
     """Weight of the bonus: the actor loss gets − coef · entropy per token; 0 switches it off."""
 
     def __post_init__(self):
-        if isinstance(self.coef, bool) or not isinstance(self.coef, (int, float)) or self.coef < 0:
-            raise ValueError(f"coef must be a number ≥ 0, got {self.coef!r}")
+        _check_weight("coef", self.coef)
 
 
 @dataclass(kw_only=True)

@@ -6,6 +6,7 @@ gets the resolved config, `metrics.jsonl`, and the final actor checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 
@@ -26,10 +27,15 @@ def preflight(cfg, *, launching: bool = False) -> None:
     from hybridflow_mg.data.datasets import check_files
     from hybridflow_mg.rewards import build_reward_fn
     from hybridflow_mg.trainer.bootstrap import check_fresh_start, check_output_dir
+    from hybridflow_mg.trainer.inputs import check_device
 
     check_output_dir(cfg)
+    check_device(cfg)
     if cfg.model.synthetic is None:
         check_files(cfg.data)
+        warm = cfg.actor.warm_start
+        if warm.steps and warm.files:
+            check_files(dataclasses.replace(cfg.data, train_files=warm.files, val_files=[]))
         for path, key in ((cfg.model.path, "model.path"), (cfg.model.critic_path, "model.critic_path"),
                           (cfg.model.reward_model_path, "model.reward_model_path")):
             if path is not None and not os.path.isfile(os.path.join(path, "config.json")):

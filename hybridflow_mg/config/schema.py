@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 
+MAX_SEED = 2**63
+
+
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -93,6 +96,13 @@ class RunConfig:
     """Modules (`my_pkg.my_module`) or Python files (`path/to/file.py`, relative to the working
     directory) imported on every rank before the config is validated, so that the estimators, losses
     and rewards they register can be named in YAML and in overrides."""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or self.name.strip() in ("", ".", ".."):
+            raise ValueError(f"name must name a run directory under output_dir, got {self.name!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be an integer in [0, 2**63) (torch's generators take at most 64 bits, and "
+                             f"megatron-core adds offsets), got {self.seed!r}")
 
 
 @dataclass(kw_only=True)

@@ -12,10 +12,20 @@ step (e.g. run seed and step), so steps differ and a resumed run repeats them.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_TEMPERATURE = 2.0
+"""vLLM's `SamplingParams` refuses temperatures above this."""
+MIN_SAMPLING_TEMPERATURE = 0.01
+"""vLLM raises a temperature in (0, 0.01) to 0.01 (with a warning), so training, which takes log-probs at the
+configured temperature, needs at least this."""
+VLLM_MAX_N_SEQUENCES = 16384
+"""vLLM's default bound on `n` (its VLLM_MAX_N_SEQUENCES environment variable overrides it)."""
+MAX_ENGINE_SEED = 2**32 - 1
+"""vLLM seeds NumPy with the engine seed, and NumPy takes seeds up to 2**32 − 1."""
 _LOGPROBS_MODES = ("raw", "processed")
 
 
@@ -39,9 +49,16 @@ def _token_ids(key: str, value: object) -> tuple[int, ...]:
 
 
 def _check_sampling(cfg) -> None:
-    """The sampling fields shared by `RolloutConfig` and `Sampling`."""
+    """The sampling fields shared by `RolloutConfig` and `Sampling`, within vLLM's `SamplingParams` ranges."""
     _int_at_least("n", cfg.n, 1)
-    _number_in("temperature", cfg.temperature, 0.0, float("inf"))
+    max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", VLLM_MAX_N_SEQUENCES))
+    if cfg.n > max_n:
+        raise ValueError(f"n={cfg.n} is more samples per prompt than vLLM allows ({max_n}, its VLLM_MAX_N_SEQUENCES); "
+                         "lower n or raise that environment variable")
+    t = cfg.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}] (vLLM's range; 0 is greedy), "
+                         f"got {t!r}")
     _number_in("top_p", cfg.top_p, 0.0, 1.0, low_open=True)
     _int_at_least("top_k", cfg.top_k, 0)
     _int_at_least("max_new_tokens", cfg.max_new_tokens, 1)
@@ -90,7 +107,7 @@ class RolloutConfig:
     n: int = 1
     """Samples per prompt (GRPO's group size)."""
     temperature: float = 1.0
-    """Softmax temperature; 0 is greedy."""
+    """Softmax temperature, in [0.01, 2] for training (vLLM's range; it raises lower ones to 0.01)."""
     top_p: float = 1.0
     """Nucleus sampling threshold; 1 is off."""
     top_k: int = 0
@@ -148,6 +165,12 @@ class RolloutConfig:
             if getattr(self, key) is not None:
                 _int_at_least(key, getattr(self, key), 1)
         _int_at_least("max_num_seqs", self.max_num_seqs, 1)
+        if self.seed > MAX_ENGINE_SEED:
+            raise ValueError(f"seed={self.seed} is also vLLM's engine seed, which NumPy takes only up to 2**32 - 1 = "
+                             f"{MAX_ENGINE_SEED}; choose a smaller seed")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be ≥ max_num_seqs="
+                             f"{self.max_num_seqs} (vLLM's scheduler refuses fewer); raise it or lower max_num_seqs")
         _number_in("gpu_memory_utilization", self.gpu_memory_utilization, 0.0, 1.0, low_open=True)
         for key in ("enable_prefix_caching", "enable_sleep_mode"):
             if not isinstance(getattr(self, key), bool):

@@ -6,20 +6,32 @@ this module adds the model, actor, critic and trainer sections and composes the 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from hybridflow_mg.algos.config import AlgoConfig
 from hybridflow_mg.config.schema import DistConfig, ParallelConfig, RunConfig
-from hybridflow_mg.data.config import DataConfig
+from hybridflow_mg.data.config import DataConfig, _check_files
 from hybridflow_mg.rewards.config import RewardConfig
-from hybridflow_mg.rollout.config import RolloutConfig
+from hybridflow_mg.rollout.config import MIN_SAMPLING_TEMPERATURE, RolloutConfig
 
 
 def _positive(key: str, value, *, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{key} must be an integer ≥ {low}, got {value!r}")
+
+
+def _finite(key: str, value, *, low: float = 0.0, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False, why: str = "") -> None:
+    """A finite number within the bounds (NaN and ±inf never pass)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        span = (f"{'>' if low_open else '≥'} {low:g}" if high == math.inf else
+                f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}")
+        raise ValueError(f"{key} must be a finite number {span}{why}, got {value!r}")
 
 
 @dataclass(kw_only=True)
@@ -46,6 +58,9 @@ class SyntheticModelConfig:
         for key in ("num_train", "num_val", "max_operand", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
             _positive(key, getattr(self, key))
         _positive("num_warm_start", self.num_warm_start, allow_zero=True)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads} "
+                             "(head_dim = hidden_size / num_heads)")
         space, wanted = (self.max_operand + 1) ** 2, self.num_train + self.num_val + self.num_warm_start
         if self.task == "arithmetic" and wanted > space:
             raise ValueError(f"num_train + num_val + num_warm_start = {wanted} but only {space} distinct problems "
@@ -102,17 +117,19 @@ class OptimConfig:
     """Floor of the linear and cosine decays."""
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.clip_grad < 0:
-            raise ValueError(f"clip_grad must be ≥ 0, got {self.clip_grad}")
+        _finite("lr", self.lr, low_open=True)
+        _finite("clip_grad", self.clip_grad, why=" (0 turns clipping off)")
         _positive("lr_warmup_steps", self.lr_warmup_steps, allow_zero=True)
         if self.lr_decay_steps is not None:
             _positive("lr_decay_steps", self.lr_decay_steps)
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be ≥ 0, got {self.weight_decay}")
+            if self.lr_warmup_steps >= self.lr_decay_steps:
+                raise ValueError(f"lr_warmup_steps={self.lr_warmup_steps} must be below lr_decay_steps="
+                                 f"{self.lr_decay_steps} (megatron-core's schedule warms up, then decays)")
+        _finite("min_lr", self.min_lr, high=self.lr, why=" (up to lr)")
+        _finite("weight_decay", self.weight_decay)
+        for key in ("beta1", "beta2"):  # Adam's ranges: torch's Adam refuses others, fused ones diverge
+            _finite(key, getattr(self, key), high=1.0, high_open=True)
+        _finite("eps", self.eps)
 
 
 @dataclass(kw_only=True)
@@ -132,6 +149,8 @@ class WarmStartConfig:
     def __post_init__(self):
         _positive("steps", self.steps, allow_zero=True)
         _positive("batch_size", self.batch_size)
+        _finite("lr", self.lr, low_open=True)
+        _check_files("files", self.files)
 
 
 @dataclass(kw_only=True)
@@ -204,7 +223,7 @@ class TrainerConfig:
         _positive("max_bad_steps", self.max_bad_steps)
         if not isinstance(self.resume, str) or not self.resume.strip():
             raise ValueError(f"resume must be auto, never or a checkpoint path, got {self.resume!r}")
-        if self.save_before_deadline is not None and not self.save_before_deadline > 0:
+        if self.save_before_deadline is not None and not 0 < self.save_before_deadline < math.inf:
             raise ValueError(f"save_before_deadline must be a positive number of seconds, got {self.save_before_deadline!r}")
 
 
@@ -225,9 +244,17 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self):
-        if self.rollout.temperature <= 0:
-            raise ValueError("rollout.temperature must be positive for RL (log-probs are taken at that "
-                             "temperature); greedy decoding is only for validation")
+        if self.rollout.temperature < MIN_SAMPLING_TEMPERATURE:
+            raise ValueError(f"rollout.temperature must be positive for RL, at least {MIN_SAMPLING_TEMPERATURE} (vLLM "
+                             f"samples lower ones at {MIN_SAMPLING_TEMPERATURE} while log-probs are taken at the "
+                             f"configured one), got {self.rollout.temperature}; greedy decoding is only for validation")
+        if self.parallel.gen.pp != 1:
+            raise ValueError(f"parallel.gen.pp={self.parallel.gen.pp}: the in-process vLLM engine generates with "
+                             "pipeline size 1 only; set parallel.gen.pp=1")
+        if self.reward.dynamic_sampling and self.rollout.n < 2:
+            raise ValueError(f"reward.dynamic_sampling drops the groups whose scores are all equal, and rollout.n="
+                             f"{self.rollout.n} makes every group one sample, so every sample would be dropped; set "
+                             "rollout.n ≥ 2 or reward.dynamic_sampling=false")
         if "groups" in self.algo.needs and self.rollout.n < 2:
             raise ValueError(f"algo.advantage.estimator={self.algo.advantage.estimator} compares the samples of one "
                              f"prompt, and rollout.n={self.rollout.n} gives one-member groups whose advantages "
@@ -237,11 +264,50 @@ class TrainConfig:
             raise ValueError("model.path (an HF directory) or model.synthetic is required")
         if self.model.synthetic is None and not self.data.train_files:
             raise ValueError("data.train_files is empty; list parquet/jsonl prompt files")
+        longest = self.data.max_prompt_length + self.rollout.max_new_tokens
+        for role in ("actor", "critic"):
+            section = getattr(self, role)
+            decay = section.optim.lr_decay_steps
+            if decay is None and section.optim.lr_warmup_steps >= self.trainer.total_steps:
+                raise ValueError(f"{role}.optim.lr_warmup_steps={section.optim.lr_warmup_steps} must be below "
+                                 f"trainer.total_steps={self.trainer.total_steps} (the schedule decays after the "
+                                 f"warmup, over {role}.optim.lr_decay_steps, else the run); lower it")
+            if section.micro_batch_tokens < longest:
+                raise ValueError(f"{role}.micro_batch_tokens={section.micro_batch_tokens} cannot hold one sequence of "
+                                 f"data.max_prompt_length + rollout.max_new_tokens = {longest} tokens (such a "
+                                 f"sequence would run over the budget); raise it to at least {longest}")
+        syn, warm = self.model.synthetic, self.actor.warm_start
+        if syn is not None and self.data.prompts_per_step > syn.num_train:
+            raise ValueError(f"data.prompts_per_step={self.data.prompts_per_step} is more than the "
+                             f"model.synthetic.num_train={syn.num_train} prompts; lower it or raise num_train")
+        if syn is not None and warm.steps and warm.batch_size > syn.num_warm_start:
+            raise ValueError(f"actor.warm_start.batch_size={warm.batch_size} is more than the "
+                             f"model.synthetic.num_warm_start={syn.num_warm_start} problems it draws from; lower it, "
+                             "raise num_warm_start, or set actor.warm_start.steps=0")
 
 
 def check_batch_split(cfg: TrainConfig, dp: int) -> None:
-    """Each data-parallel rank gets the same whole number of prompts, enough for every mini-batch."""
+    """Each data-parallel rank gets the same whole number of prompts, enough for every mini-batch (and of
+    warm-start examples); with virtual pipeline stages, every model pass has at least pp sequences per rank."""
     per_rank, rest = divmod(cfg.data.prompts_per_step, dp)
-    if rest or per_rank < max(cfg.actor.mini_batches, cfg.critic.mini_batches):
+    mini_batches = max(cfg.actor.mini_batches, cfg.critic.mini_batches)
+    if rest or per_rank < mini_batches:
         raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be a multiple of the data-parallel "
                          f"size {dp}, with at least actor/critic mini_batches prompts per rank")
+    warm = cfg.actor.warm_start
+    if warm.steps and warm.batch_size % dp:
+        raise ValueError(f"actor.warm_start.batch_size={warm.batch_size} must be a multiple of the data-parallel size "
+                         f"{dp} (each rank trains on an equal share)")
+    t = cfg.parallel.train
+    if t.vpp > 1:  # megatron-core's interleaved schedule: at least pp micro-batches, one sequence or more each
+        mini_batch = per_rank // mini_batches * cfg.rollout.n
+        fewest = {f"data.prompts_per_step / {dp} ranks / mini_batches × rollout.n": mini_batch}
+        if warm.steps:
+            fewest[f"actor.warm_start.batch_size / {dp} ranks"] = warm.batch_size // dp
+        if cfg.model.reward_model_path and "greedy_baseline" in cfg.algo.needs:  # the reward model scores them
+            fewest[f"the greedy responses, data.prompts_per_step / {dp} ranks"] = per_rank
+        for what, count in fewest.items():
+            if count < t.pp:
+                raise ValueError(f"parallel.train.vpp={t.vpp} (the interleaved schedule) needs at least pp={t.pp} "
+                                 f"sequences in every model pass of a rank, and {what} = {count}; give each "
+                                 f"data-parallel rank more sequences or set parallel.train.vpp=1")

@@ -1,15 +1,17 @@
 """The run's inputs, read and checked without any process group: prompts, tokenizer, the actor's spec.
 
 `load_inputs` is what every rank builds the run from, and what `hybridflow-mg train --nproc N` runs
-before it starts a worker: a bad data row, a missing tokenizer, prompts that are all too long, or
-sequences longer than the model's context are one line and exit status 2 before anything is launched
-or written.
+before it starts a worker: a bad data row, a missing tokenizer, prompts that are all too long,
+sequences longer than the model's context, layouts that do not split the models, stop tokens outside
+the vocabulary, or settings this machine cannot run are one line and exit status 2 before anything is
+launched or written.
 """
 from __future__ import annotations
 
 from hybridflow_mg.data.datasets import PromptBatches, build_prompt_data
 from hybridflow_mg.data.tokenizer import Tokenizer
-from hybridflow_mg.models.hf_spec import ModelSpec, read_hf_config, spec_from_hf
+from hybridflow_mg.models.hf_spec import ModelSpec, check_layout, read_hf_config, spec_from_hf
+from hybridflow_mg.models.layouts import check_split
 from hybridflow_mg.trainer.config import TrainConfig
 
 
@@ -34,13 +36,78 @@ def check_lengths(cfg: TrainConfig, spec: ModelSpec, longest_prompt: int | None 
                          f"{spec.sliding_window}, which training does not apply; keep them ≤ {spec.sliding_window}")
 
 
+def check_device(cfg: TrainConfig) -> None:
+    """What this machine cannot run, known before anything is built (one line each): without CUDA,
+    model.dtype other than float32 (megatron-core's mixed-precision optimizer keeps its loss scale on
+    CUDA) and a rollout.block_size that vLLM's CPU attention refuses; model.layer_spec=te without
+    transformer-engine."""
+    import torch
+
+    from hybridflow_mg.rollout.vllm_cpu import CPU_BLOCK_MULTIPLE
+
+    if not torch.cuda.is_available():
+        if cfg.model.dtype != "float32":
+            raise ValueError(f"model.dtype={cfg.model.dtype} needs a GPU (megatron-core's mixed-precision optimizer "
+                             "keeps its state on CUDA); use model.dtype=float32 on CPU")
+        block = cfg.rollout.block_size
+        if block is not None and block % CPU_BLOCK_MULTIPLE:
+            nearest = CPU_BLOCK_MULTIPLE * max(1, round(block / CPU_BLOCK_MULTIPLE))
+            raise ValueError(f"rollout.block_size={block}: vLLM's CPU attention needs a multiple of "
+                             f"{CPU_BLOCK_MULTIPLE}; use {nearest} or leave it out")
+    if cfg.model.layer_spec == "te":
+        from hybridflow_mg.models.specs import resolve
+
+        try:
+            resolve("te")
+        except ValueError as e:
+            raise ValueError(f"model.layer_spec=te: {e}") from None
+
+
+def check_layouts(cfg: TrainConfig, spec: ModelSpec) -> None:
+    """The training layout splits every model the run builds (heads, KV heads, ffn over tp; layers over
+    pp·vpp) and the generation layout splits the actor for vLLM (heads and KV heads over the generation
+    tp): one line naming the keys, before megatron-core or vLLM would refuse inside the workers."""
+    t = cfg.parallel.train
+    gen_tp = cfg.parallel.gen.tp or t.tp
+    specs = [("model.path", cfg.model.path, spec)]
+    for key in ("critic_path", "reward_model_path"):
+        path = getattr(cfg.model, key)
+        if path is not None:
+            specs.append((f"model.{key}", path, spec_from_hf(read_hf_config(path), head="value",
+                                                              vocab_divisor=cfg.model.vocab_divisor)))
+    for key, path, model in specs:
+        try:
+            check_layout(model, t.tp, t.pp, t.vpp)
+        except ValueError as e:
+            raise ValueError(f"parallel.train (tp={t.tp}, pp={t.pp}, vpp={t.vpp}) cannot split {key} "
+                             f"({path}): {e}") from None
+    try:
+        check_split(spec.dims, "vllm", gen_tp)
+    except ValueError as e:
+        raise ValueError(f"the generation tp={gen_tp} (parallel.gen.tp, else parallel.train.tp) cannot split "
+                         f"model.path ({cfg.model.path}) for vLLM: {e}") from None
+
+
+def check_stop_tokens(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    """Every rollout.stop_token_ids entry is an id the engine can sample (below the tokenizer's vocab_size,
+    which is at most the model's): a sample could never stop on another."""
+    bad = [t for t in cfg.rollout.stop_token_ids if t >= tokenizer.vocab_size]
+    if bad:
+        raise ValueError(f"rollout.stop_token_ids: {bad[0]} is not a token id of the tokenizer ({tokenizer.path}, "
+                         f"ids 0 … {tokenizer.vocab_size - 1}), so no sample could stop on it; list ids below "
+                         f"{tokenizer.vocab_size}")
+
+
 def load_inputs(cfg: TrainConfig) -> tuple[Tokenizer, tuple[PromptBatches, PromptBatches | None], ModelSpec]:
     """(tokenizer, (train batches, validation batches or None), the actor's spec): every prompt of every
     data file read and tokenized, and the lengths checked against the model. No process group is
     needed, so the launcher runs it too, before it starts any worker. Raises one-line ValueErrors."""
+    check_device(cfg)
     tokenizer = Tokenizer.from_path(cfg.data.tokenizer or cfg.model.path)
     batches = build_prompt_data(cfg.data, tokenizer, default_seed=cfg.run.seed)
     spec = spec_from_hf(read_hf_config(cfg.model.path), head="lm", vocab_divisor=cfg.model.vocab_divisor)
+    check_layouts(cfg, spec)
+    check_stop_tokens(cfg, tokenizer)
     kept = [b.dataset for b in batches if b is not None]
     check_lengths(cfg, spec, max(len(item.prompt_ids) for d in kept for item in d.items))
     return tokenizer, batches, spec

@@ -26,6 +26,10 @@ def warm_start(run) -> list[float]:
                              max_prompt_length=d.max_prompt_length, truncation=d.truncation).items
     pairs = [(it.prompt_ids, tok.encode(str((it.extra_info or {}).get("answer", it.ground_truth))) + [tok.eos_id])
              for it in items]
+    if cfg.steps and cfg.batch_size > len(pairs):
+        source = "actor.warm_start.files" if cfg.files else "the training prompts"
+        raise ValueError(f"actor.warm_start.batch_size={cfg.batch_size} is more than the {len(pairs)} warm-start "
+                         f"examples ({source}); lower it or add examples")
     rng = random.Random(run.cfg.run.seed)
     optimizer = run.actor.optimizer
     saved_lr = [group["lr"] for group in optimizer.param_groups]
