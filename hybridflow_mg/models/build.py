@@ -113,7 +113,13 @@ def transformer_config(spec: ModelSpec, layout, dtype: torch.dtype, resolved_spe
         bias_activation_fusion=False, bias_dropout_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         attention_softmax_in_fp32=True, deallocate_pipeline_outputs=False,
-        variable_seq_lengths=True,  # micro-batches of different lengths through the PP p2p
+        # vpp > 1 (the interleaved schedule) sends fixed shapes, unbatched; ModelWorker pads its micro-batches.
+        # Variable lengths make each p2p call exchange shapes first and wait for that alone: there a stage
+        # waits for its peer to take a grad's shape while the peer waits for it to take an activation, which
+        # it posts only after that wait (a hang at num_microbatches == pp). And at pp=2 the prev and next
+        # stage are one rank: batched p2p posts send_prev before send_next while the peer posts recv_prev
+        # first, so an activation lands in a grad's buffer (wrong gradients); unbatched p2p keeps the order.
+        variable_seq_lengths=layout.vpp == 1, batch_p2p_comm=layout.vpp == 1,
         moe_token_dispatcher_type="alltoall",  # dense models; only to satisfy the variable-length check
     )
     kwargs.update(overrides)

@@ -69,17 +69,17 @@ class ModelWorker:
 
     # --- the schedule ----------------------------------------------------------------------------------
     def _groups(self, seqs: Sequences, token_budget: int) -> list[list[int]]:
-        """Token-budget micro-batches; with virtual pipeline stages, a multiple of pp of them (megatron-core's
-        interleaved schedule needs that), made by splitting the largest groups."""
+        """Token-budget micro-batches. With virtual pipeline stages, a multiple of pp of them (megatron-core's
+        interleaved schedule refuses other counts): the largest groups are split while one has two rows,
+        then empty groups fill up the count (padding only: no loss, no gradient, no metrics)."""
         groups = micro_batches(seqs, token_budget)
         pp = self.grid.layout.pp
         if len(self.chunks) == 1:
             return groups
-        if len(seqs) < pp:
-            raise ValueError(f"{len(seqs)} sequences cannot fill the {pp} pipeline stages of the interleaved "
-                             f"schedule (vpp > 1); give each data-parallel rank at least {pp} sequences")
-        while len(groups) % pp or len(groups) < pp:
-            big = max(range(len(groups)), key=lambda i: (len(groups[i]), -i))
+        while len(groups) % pp or not groups:
+            big = max(range(len(groups)), key=lambda i: (len(groups[i]), -i), default=None)
+            if big is None or len(groups[big]) < 2:  # fewer rows than pp (e.g. a small data-parallel share)
+                return groups + [[] for _ in range(-len(groups) % pp or pp)]
             half = len(groups[big]) // 2
             groups[big:big + 1] = [groups[big][:half], groups[big][half:]]
         return groups
@@ -87,19 +87,27 @@ class ModelWorker:
     def _run(self, seqs: Sequences, groups: list[list[int]], step: Callable, forward_only: bool) -> list[dict]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = [seqs.select(rows) for rows in groups]
+        micro = [seqs.select(rows) if rows else None for rows in groups]
+        # [rows, width]: the one activation shape every stage sends and expects when shapes are not exchanged
+        rows, width = max(max(map(len, groups), default=0), 1), int(seqs.tokens.size(1))
+        fixed_shape = not self.chunks[0].config.variable_seq_lengths  # vpp > 1: see models.build.transformer_config
 
         def forward_step(data, model):
             mb = next(data)
-            positions = torch.arange(mb.tokens.size(1), device=self.grid.device).expand(len(mb), -1)
-            output = model(mb.tokens.to(self.grid.device), positions, None)
-            return output, lambda out: step(out, mb)
+            tokens = mb.tokens if mb is not None else seqs.tokens[:0]  # [mb, L_mb]
+            if fixed_shape:  # right padding and extra rows change no real token's output (causal, per row)
+                tokens = torch.nn.functional.pad(tokens, (0, width - tokens.size(1), 0, rows - tokens.size(0)))
+            positions = torch.arange(tokens.size(1), device=self.grid.device).expand(tokens.size(0), -1)
+            output = model(tokens.to(self.grid.device), positions, None)
+            if mb is None:  # a filler micro-batch (see _groups): a zero loss keeps the backward pass uniform
+                return output, lambda out: (out.sum() * 0, {})
+            return output, lambda out: step(out[:len(mb), :mb.tokens.size(1)], mb)
 
         iterators = [iter(micro) for _ in self.chunks] if len(self.chunks) > 1 else iter(micro)
-        return get_forward_backward_func()(
+        outs = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators, model=self.chunks,
-            num_microbatches=len(micro), seq_length=int(seqs.tokens.size(1)), micro_batch_size=max(map(len, groups)),
-            forward_only=forward_only) or []
+            num_microbatches=len(micro), seq_length=width, micro_batch_size=rows, forward_only=forward_only) or []
+        return [out for group, out in zip(groups, outs) if group]  # the real micro-batches' (last stage only)
 
     def _from_last_stage(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` as the last pipeline stage has it, on every stage of this pipeline."""
@@ -120,7 +128,7 @@ class ModelWorker:
         width = seqs.resp_len
         result = {n: torch.zeros(len(seqs), width, dtype=torch.float32) for n in names}
         if self.grid.is_last_stage:
-            for rows, out in zip(groups, outs):
+            for rows, out in zip([g for g in groups if g], outs):
                 for n in names:
                     value = out[n].float().cpu()
                     result[n][rows, :value.size(1)] = value
