@@ -244,6 +244,10 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def __post_init__(self):
+        if self.model.path is None and self.model.synthetic is None:
+            raise ValueError("model.path (an HF directory) or model.synthetic is required")
+        if self.model.synthetic is None and not self.data.train_files:
+            raise ValueError("data.train_files is empty; list parquet/jsonl prompt files")
         if self.rollout.temperature < MIN_SAMPLING_TEMPERATURE:
             raise ValueError(f"rollout.temperature must be positive for RL, at least {MIN_SAMPLING_TEMPERATURE} (vLLM "
                              f"samples lower ones at {MIN_SAMPLING_TEMPERATURE} while log-probs are taken at the "
@@ -260,10 +264,6 @@ class TrainConfig:
                              f"prompt, and rollout.n={self.rollout.n} gives one-member groups whose advantages "
                              f"are all 0 (nothing is learned); set rollout.n ≥ 2, or use an estimator without "
                              f"groups (reinforce_plus_plus, gae, remax)")
-        if self.model.path is None and self.model.synthetic is None:
-            raise ValueError("model.path (an HF directory) or model.synthetic is required")
-        if self.model.synthetic is None and not self.data.train_files:
-            raise ValueError("data.train_files is empty; list parquet/jsonl prompt files")
         longest = self.data.max_prompt_length + self.rollout.max_new_tokens
         for role in ("actor", "critic"):
             section = getattr(self, role)
