@@ -118,13 +118,6 @@ WORLD_TIME = [  # (arguments of `config --world N`, a part of the message): the 
     (["--world", "4", "data.prompts_per_step=31"], "must be a multiple of the data-parallel size 2"),
     (["--world", "4", "actor.warm_start.batch_size=63"],
      "actor.warm_start.batch_size=63 must be a multiple of the data-parallel size 2"),
-    (["--world", "4", "parallel.train.tp=1", "parallel.train.pp=2", "parallel.train.vpp=2", "data.prompts_per_step=2",
-      "rollout.n=1", "algo.advantage.estimator=gae", "actor.warm_start.steps=0"],
-     "parallel.train.vpp=2 (the interleaved schedule) needs at least pp=2 sequences in every model pass of a rank, "
-     "and data.prompts_per_step / 2 ranks / mini_batches × rollout.n = 1"),
-    (["--world", "4", "parallel.train.tp=1", "parallel.train.pp=2", "parallel.train.vpp=2",
-      "actor.warm_start.batch_size=2"],
-     "actor.warm_start.batch_size / 2 ranks = 1"),
     (["--world", "3"], "does not divide the world of 3 ranks"),
 ]
 

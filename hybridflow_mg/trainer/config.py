@@ -288,7 +288,8 @@ class TrainConfig:
 
 def check_batch_split(cfg: TrainConfig, dp: int) -> None:
     """Each data-parallel rank gets the same whole number of prompts, enough for every mini-batch (and of
-    warm-start examples); with virtual pipeline stages, every model pass has at least pp sequences per rank."""
+    warm-start examples). (Any number of sequences per model pass runs at vpp > 1: the worker pads the
+    micro-batch count to a multiple of pp, `trainer/workers.py`.)"""
     per_rank, rest = divmod(cfg.data.prompts_per_step, dp)
     mini_batches = max(cfg.actor.mini_batches, cfg.critic.mini_batches)
     if rest or per_rank < mini_batches:
@@ -298,16 +299,3 @@ def check_batch_split(cfg: TrainConfig, dp: int) -> None:
     if warm.steps and warm.batch_size % dp:
         raise ValueError(f"actor.warm_start.batch_size={warm.batch_size} must be a multiple of the data-parallel size "
                          f"{dp} (each rank trains on an equal share)")
-    t = cfg.parallel.train
-    if t.vpp > 1:  # megatron-core's interleaved schedule: at least pp micro-batches, one sequence or more each
-        mini_batch = per_rank // mini_batches * cfg.rollout.n
-        fewest = {f"data.prompts_per_step / {dp} ranks / mini_batches × rollout.n": mini_batch}
-        if warm.steps:
-            fewest[f"actor.warm_start.batch_size / {dp} ranks"] = warm.batch_size // dp
-        if cfg.model.reward_model_path and "greedy_baseline" in cfg.algo.needs:  # the reward model scores them
-            fewest[f"the greedy responses, data.prompts_per_step / {dp} ranks"] = per_rank
-        for what, count in fewest.items():
-            if count < t.pp:
-                raise ValueError(f"parallel.train.vpp={t.vpp} (the interleaved schedule) needs at least pp={t.pp} "
-                                 f"sequences in every model pass of a rank, and {what} = {count}; give each "
-                                 f"data-parallel rank more sequences or set parallel.train.vpp=1")
