@@ -132,3 +132,46 @@ def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
     finally:
         if own:
             dist.destroy_process_group()
+
+
+def test_the_actor_checkpoint_carries_the_tokenizer_the_run_used(tmp_path, monkeypatch):
+    """checkpoint/tokenizer/ (what `export` writes next to the weights) holds data.tokenizer's files, not
+    those model.path happens to hold; generation_config.json, a model file, still comes from model.path."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from hybridflow_mg.models.hf_spec import spec_from_hf
+    from hybridflow_mg.trainer import checkpoint
+    from tests.tiny import llama_config
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(llama_config()))
+    for name, text in (("tokenizer.json", "model's"), ("vocab.json", "model's"), ("generation_config.json", "{}")):
+        (model / name).write_text(text)
+    hf_tok = tmp_path / "hf_tok"
+    hf_tok.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf_tok / name).write_text("the run's")
+    sp_tok = tmp_path / "sp.model"
+    sp_tok.write_bytes(b"the run's sentencepiece")
+    # the weights are not the point: a rank that writes no shard (data-parallel index 1), one tensor for the meta
+    monkeypatch.setattr(checkpoint, "model_params", lambda *a, **k: [(None, None, None, torch.zeros(1))])
+    grid = SimpleNamespace(layout=SimpleNamespace(tp=1, pp=1, vpp=1), train=SimpleNamespace(tp=0, pp=0, dp=1))
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for tokenizer, expected in ((hf_tok, {"tokenizer.json": b"the run's", "tokenizer_config.json": b"the run's"}),
+                                    (sp_tok, {"tokenizer.model": b"the run's sentencepiece"})):
+            out = tmp_path / f"ckpt_{tokenizer.stem}"
+            out.mkdir()
+            run = SimpleNamespace(grid=grid, naming=None, tokenizer=SimpleNamespace(path=tokenizer))
+            checkpoint.save_weights(run, SimpleNamespace(modules=[]), spec_from_hf(llama_config()), out, role="actor",
+                                    source=str(model))
+            held = {p.name: p.read_bytes() for p in (out / "tokenizer").iterdir()}
+            assert held == {**expected, "generation_config.json": b"{}"}, held
+    finally:
+        if own:
+            dist.destroy_process_group()

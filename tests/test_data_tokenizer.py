@@ -1,5 +1,6 @@
 """The Tokenizer wrapper over sentencepiece and HF directories, built offline from generated text."""
 import random
+import re
 
 import pytest
 
@@ -7,7 +8,9 @@ from hybridflow_mg.data.tokenizer import (
     HFTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
+    check_fits_model,
     sentencepiece_to_hf,
+    tokenizer_in,
     train_sentencepiece,
 )
 
@@ -100,3 +103,20 @@ def test_bad_paths(tmp_path):
         Tokenizer.from_path(tmp_path / "junk.model")
     with pytest.raises(ValueError, match="at least one"):
         train_sentencepiece(["", ""], tmp_path / "x.model")
+
+
+def test_added_tokens_count_and_a_model_without_their_rows_is_refused(hf_dir, tmp_path):
+    """vocab_size bounds every id the tokenizer produces, added special tokens included; a model with
+    fewer embedding rows is one line naming both files, one with more (padded) is fine."""
+    base = Tokenizer.from_path(hf_dir)
+    base.hf.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    more = Tokenizer.from_path(base.save(tmp_path / "more"))
+    assert more.vocab_size == len(base.hf) and more.encode("<tool>") == [more.vocab_size - 1]
+    check_fits_model(more, more.vocab_size, "m/config.json")
+    check_fits_model(more, more.vocab_size + 64, "m/config.json")  # padded past the tokenizer, as Qwen2.5's
+    top = more.vocab_size - 1
+    line = rf"^tokenizer '{re.escape(str(tmp_path / 'more' / 'tokenizer.json'))}' produces ids up to {top} .* " \
+           rf"vocab_size {top} \('m/config.json'\)"
+    with pytest.raises(ValueError, match=line):
+        check_fits_model(more, more.vocab_size - 1, "m/config.json")
+    assert tokenizer_in(tmp_path / "more").vocab_size == more.vocab_size and tokenizer_in(tmp_path) is None

@@ -33,6 +33,8 @@ def root(tmp_path_factory):
     sentencepiece_to_hf(sp, model, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}")
     save_random_hf(llama_config(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, vocab_size=64),
                           root / "no_tokenizer")
+    save_random_hf(llama_config(hidden_size=64, num_attention_heads=2, num_key_value_heads=2, vocab_size=16),
+                   root / "small_vocab")  # fewer embedding rows than the tokenizer of "m" has ids
     pq.write_table(pa.Table.from_pylist([ROW] * 4), root / "good.parquet")
     pq.write_table(pa.Table.from_pylist([{**ROW, "prompt": 5}] * 4), root / "int_prompts.parquet")
     lines = [json.dumps(ROW)] * 2 + ['{"prompt": "cut off']
@@ -60,6 +62,9 @@ CASES = {  # name: (extra arguments given the fixture's root, a part of the one 
     "extra_info not an object in a later row": (_train_files("info_later.jsonl"), "'extra_info' must be an object"),
     "data path that is a directory": (_train_files("dir.parquet"), "is a directory; list the files"),
     "missing tokenizer": (lambda root: [f"model.path={root / 'no_tokenizer'}"], "has neither"),
+    "tokenizer with ids past the model's vocab_size": (
+        lambda root: [f"model.path={root / 'small_vocab'}", f"data.tokenizer={root / 'm'}"],
+        "/m/tokenizer.json' produces ids up to 63 (special and added tokens included) but the model has vocab_size 16"),
     "a prompt too long": (lambda root: ["data.max_prompt_length=1"], "more than data.max_prompt_length=1; raise it"),
     "all prompts too long, dropping": (lambda root: ["data.max_prompt_length=1", "data.truncation=drop"],
                                        "are longer than max_prompt_length=1"),

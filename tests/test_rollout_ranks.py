@@ -3,9 +3,9 @@
 Two launches, one engine per rank each: 2 ranks at t_g = 1 (train tp=2 → gen tp=1) and 4 ranks at
 t_g = 2 with HybridFlow's strided generation TP groups [0, 2], [1, 3] (train tp=4 → gen tp=2).
 Checks: fp32 greedy = HF generate, logprobs = HF log_softmax (1e-4), direct weight updates take effect
-(twice), vocab padding never sampled, seeded sampling repeats and agrees within a TP group, the
-trainer's RNG / threads / env / process groups survive the engine, and shutdown (explicit, or at exit)
-leaves the default group alone.
+(twice), vocab padding never sampled, nor ids past a smaller tokenizer (`num_decodable_ids`), seeded
+sampling repeats and agrees within a TP group, the trainer's RNG / threads / env / process groups
+survive the engine, and shutdown (explicit, or at exit) leaves the default group alone.
 """
 import importlib.util
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -117,12 +116,9 @@ def convert(source, ckpt_dir: str | os.PathLike, *, tp: int, pp: int, vpp: int =
                    for rule, layer in stage_tensor_names(dims, pp_rank, pp, vpp)}
         written.append(save_shard(ckpt_dir, tp_rank, pp_rank, tensors))
     if tokenizer_dir is not None:
-        from hybridflow_mg.models.hf_io import TOKENIZER_FILES
+        from hybridflow_mg.models.hf_io import copy_tokenizer_files
 
-        (ckpt_dir / "tokenizer").mkdir(exist_ok=True)
-        for file in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / file).is_file():
-                shutil.copy2(Path(tokenizer_dir) / file, ckpt_dir / "tokenizer" / file)
+        copy_tokenizer_files(tokenizer_dir, ckpt_dir / "tokenizer")
     if write_meta_file:
         missing = [shard_file(t, p) for p in range(pp) for t in range(tp) if not (ckpt_dir / shard_file(t, p)).is_file()]
         if missing:

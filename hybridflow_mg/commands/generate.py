@@ -134,12 +134,14 @@ class GenerateInputs:
     train: dict[str, int]  # {"tp": T, "pp": P} as given to --train
     gen: dict[str, int]  # {"tp": TG} or {} (the training tp)
     prompts: list[list[int]]
+    num_decodable_ids: int | None = None  # the size of --hf's tokenizer, when it has one: ids past it are never sampled
 
 
 def check_inputs(args) -> GenerateInputs:
     """Every flag and prompt checked against the model's config.json: a one-line ValueError for the
     first mistake. Cheap (no weights, no torch.distributed), so the launching process runs it before
     `--nproc` starts workers, and each worker again on its own."""
+    from hybridflow_mg.data.tokenizer import check_fits_model, tokenizer_in
     from hybridflow_mg.models.hf_io import hf_model_dir
     from hybridflow_mg.models.hf_spec import check_layout, read_hf_config, spec_from_hf
     from hybridflow_mg.parallel.launch import discover
@@ -172,9 +174,14 @@ def check_inputs(args) -> GenerateInputs:
         raise ValueError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's context of "
                          f"{context} tokens (max_position_embeddings in {model_dir / 'config.json'}); "
                          f"lower it below {context}")
+    tokenizer = tokenizer_in(model_dir)
+    if tokenizer is not None:
+        check_fits_model(tokenizer, spec.dims.vocab_size, model_dir / "config.json",
+                         fix="the tokenizer files in --hf do not belong to this model")
     prompts = read_prompts(args.prompts, str(model_dir), vocab_size=spec.dims.vocab_size, context=context,
                            max_new_tokens=args.max_tokens)
-    return GenerateInputs(hf_config=hf_config, spec=spec, train=t, gen=g, prompts=prompts)
+    return GenerateInputs(hf_config=hf_config, spec=spec, train=t, gen=g, prompts=prompts,
+                          num_decodable_ids=tokenizer.vocab_size if tokenizer is not None else None)
 
 
 def run(args) -> int:
@@ -208,7 +215,7 @@ def _generate(args, inputs: GenerateInputs) -> int:
     load_into_model(chunks, HFSource(args.hf, spec.dims), tp=layout.tp, tp_rank=grid.train.tp, pp=layout.pp,
                     pp_rank=grid.train.pp)
     engine = VLLMEngine(args.hf, layout, RolloutConfig(dtype=args.dtype, max_new_tokens=args.max_tokens),
-                        load_weights=False)
+                        load_weights=False, num_decodable_ids=inputs.num_decodable_ids)
     hybrid = HybridEngine(grid, chunks, spec.dims, engine, naming=built.naming)
     stats = hybrid.sync_weights()
     sampling = engine.config.sampling(n=args.n, temperature=0.0 if args.greedy else args.temperature,

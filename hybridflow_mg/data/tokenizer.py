@@ -42,7 +42,9 @@ class Tokenizer:
     pad_id: int
     bos_id: int | None
     vocab_size: int
-    """Number of ids the tokenizer can produce (added tokens included); the model may pad beyond it."""
+    """One more than the largest id the tokenizer can produce (special and added tokens included): its
+    ids lie in [0, vocab_size). The model may pad beyond it; ids past it are never sampled (the engine
+    masks them) and a model smaller than it is refused (`check_fits_model`)."""
 
     @staticmethod
     def from_path(path: str | os.PathLike) -> "Tokenizer":
@@ -103,7 +105,8 @@ class HFTokenizer(Tokenizer):
         self.eos_id = int(self.hf.eos_token_id)
         self.pad_id = int(self.hf.pad_token_id) if self.hf.pad_token_id is not None else self.eos_id
         self.bos_id = int(self.hf.bos_token_id) if self.hf.bos_token_id is not None else None
-        self.vocab_size = len(self.hf)
+        # added tokens may sit past len() (ids with gaps below them): the largest id is what bounds them
+        self.vocab_size = max(len(self.hf), 1 + max(self.hf.get_vocab().values(), default=-1))
 
     def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
         return self._with_bos(list(self.hf.encode(text, add_special_tokens=False)), add_bos)
@@ -158,6 +161,27 @@ class SentencePieceTokenizer(Tokenizer):
         out = Path(directory)
         sentencepiece_to_hf(self.path, out)
         return out
+
+
+def tokenizer_in(directory: str | os.PathLike) -> Tokenizer | None:
+    """The tokenizer of a model directory, or None when it holds no tokenizer file (one that is there
+    but does not load raises, as `Tokenizer.from_path` does)."""
+    p = Path(directory)
+    return Tokenizer.from_path(p) if any((p / f).is_file() for f in (*HF_FILES, SP_FILE)) else None
+
+
+def check_fits_model(tokenizer: Tokenizer, vocab_size: int, config_file: str | os.PathLike, *,
+                     fix: str = "point data.tokenizer at the model's own tokenizer") -> None:
+    """Refuse, with one line naming both files, a tokenizer that can produce an id the model has no
+    embedding row for (`tokenizer.vocab_size` > the model's `vocab_size`, read from `config_file`).
+    The other way round is common and fine: models pad vocab_size past their tokenizer (Qwen2.5:
+    151936 rows, 151665 ids), and the engine never samples the padding."""
+    if tokenizer.vocab_size <= vocab_size:
+        return
+    named = tokenizer.path / "tokenizer.json" if (tokenizer.path / "tokenizer.json").is_file() else tokenizer.path
+    raise ValueError(f"tokenizer {str(named)!r} produces ids up to {tokenizer.vocab_size - 1} (special and added "
+                     f"tokens included) but the model has vocab_size {vocab_size} ({str(config_file)!r}): ids "
+                     f"≥ {vocab_size} have no embedding row; {fix}")
 
 
 def train_sentencepiece(

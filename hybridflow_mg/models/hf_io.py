@@ -26,6 +26,26 @@ from hybridflow_mg.models.rowmaps import index_to_runs, shard_index
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+GENERATION_CONFIG = "generation_config.json"  # listed with the tokenizer's files, but the model's
+
+
+def copy_tokenizer_files(source: str | os.PathLike, out_dir: str | os.PathLike, *,
+                         model_dir: str | os.PathLike | None = None) -> None:
+    """Copy the tokenizer at `source` into `out_dir` (made when missing): the `TOKENIZER_FILES` an HF
+    directory holds, or a sentencepiece `.model` file as `tokenizer.model`. `generation_config.json`
+    (the model's sampling defaults) comes from `model_dir` when given, else from `source`."""
+    source, out = Path(source), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if source.is_file():
+        shutil.copy2(source, out / "tokenizer.model")
+        files = []
+    else:
+        files = [source / f for f in TOKENIZER_FILES if f != GENERATION_CONFIG or model_dir is None]
+    if model_dir is not None:
+        files.append(Path(model_dir) / GENERATION_CONFIG)
+    for file in files:
+        if file.is_file():
+            shutil.copy2(file, out / file.name)
 
 
 class CanonicalSource(Protocol):
@@ -310,9 +330,7 @@ def export_hf(source: CanonicalSource, out_dir: str | os.PathLike, hf_config: di
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         if tokenizer_dir is not None:
-            for file in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / file).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / file, tmp / file)
+            copy_tokenizer_files(tokenizer_dir, tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)

@@ -25,6 +25,16 @@ Two seams into vLLM, each the only one of its kind:
 
 Everything else vLLM needs in-process or on CPU lives in `vllm_cpu`. (The engine runs without a
 tokenizer — token ids in and out, stop ids explicit — and drops the one log record that choice causes.)
+
+Ids the tokenizer cannot decode. Models often pad vocab_size past their tokenizer (Qwen2.5: 151936
+rows, 151665 ids); a sampled padding id makes sentencepiece raise and HF tokenizers drop it from the
+text a reward scores. Given `num_decodable_ids`, every request carries a logit bias of -inf on the ids
+from there to vocab_size: public SamplingParams, honoured by both of vLLM's model runners, and sized
+by the padding (hundreds of ids), not the vocabulary. ``allowed_token_ids`` would be the other way
+and costs far more: the V1 runner copies a [requests, vocab] mask to the device every step, and the
+V2 runner takes at most 1024 allowed ids. The bias comes after the raw logprobs (``logprobs_mode=raw``
+still reports the model's own distribution, as the trainer computes it) and only when something is
+masked, so sampling is exactly as before for a tokenizer that covers the vocabulary.
 """
 from __future__ import annotations
 
@@ -130,10 +140,12 @@ class VLLMEngine:
     ``model_path``: an HF model directory (config.json; weights unless ``load_weights=False``, which
     starts from random weights for a resharder that writes all of them). torch.distributed must
     already run over ``layout.world`` ranks. Construction is collective over the world.
+    ``num_decodable_ids``: the tokenizer's size (`Tokenizer.vocab_size`); ids from there up are never
+    sampled (see the module docstring); None masks nothing.
     """
 
     def __init__(self, model_path: str, layout: ParallelLayout, config: RolloutConfig | None = None, *,
-                 load_weights: bool = True):
+                 load_weights: bool = True, num_decodable_ids: int | None = None):
         if not dist.is_initialized():
             raise RuntimeError("start torch.distributed first (hybridflow_mg.parallel.launch.init_distributed)")
         if dist.get_world_size() != layout.world:
@@ -163,6 +175,7 @@ class VLLMEngine:
             self._llm = vllm.LLM(**kwargs)
         self._check_groups()
         self._closed = False
+        self.num_decodable_ids = num_decodable_ids
 
     def _engine_kwargs(self, model_path: str, load_weights: bool) -> dict:
         cfg = self.config
@@ -200,6 +213,26 @@ class VLLMEngine:
 
     def _model(self) -> torch.nn.Module:
         return self._llm.llm_engine.model_executor.driver_worker.worker.get_model()
+
+    @property
+    def num_decodable_ids(self) -> int | None:
+        """Ids at or above this are never sampled (None: every id of the model's vocabulary may be)."""
+        return self._num_decodable_ids
+
+    @num_decodable_ids.setter
+    def num_decodable_ids(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"num_decodable_ids must be a positive integer or None, got {value!r}")
+        masked = range(value, self.dims.vocab_size) if value is not None else range(0)
+        limit = _max_logit_bias_ids(self._llm.llm_engine.vllm_config)
+        if limit is not None and len(masked) > limit:
+            raise ValueError(f"the model's vocab_size {self.dims.vocab_size} exceeds the tokenizer's {value} ids by "
+                             f"{len(masked)}, more than vLLM's model runner V2 masks per request ({limit}); set "
+                             "VLLM_USE_V2_MODEL_RUNNER=0")
+        self._num_decodable_ids = value
+        # one dict for every request: vLLM copies it per request, and the V1 runner gathers all of them
+        # into one index tensor when the batch changes (requests × padding ids, not × vocabulary)
+        self._logit_bias = {i: float("-inf") for i in masked} or None
 
     # --- weights (the resharder's target) ----------------------------------------------------------
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
@@ -261,7 +294,7 @@ class VLLMEngine:
         params = [SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
                                  stop_token_ids=list(sampling.stop_token_ids), seed=sampling.request_seed(j),
-                                 logprobs=0, detokenize=False)
+                                 logit_bias=self._logit_bias, logprobs=0, detokenize=False)
                   for j in (prompt_indices if prompt_indices is not None else range(len(prompt_token_ids)))]
         if len(params) != len(prompt_token_ids):
             raise ValueError(f"{len(prompt_token_ids)} prompts but {len(params)} prompt indices")
@@ -298,6 +331,15 @@ class VLLMEngine:
         self._closed = True
         self._llm.llm_engine.engine_core.shutdown()
         del self._llm
+
+
+def _max_logit_bias_ids(vllm_config) -> int | None:
+    """How many logit-bias ids vLLM's model runner takes per request (None: no limit, the V1 runner)."""
+    if not vllm_config.use_v2_model_runner:
+        return None
+    from vllm.v1.worker.gpu.sample.logit_bias import MAX_NUM_LOGIT_BIAS_TOKENS  # imports triton: GPU only
+
+    return MAX_NUM_LOGIT_BIAS_TOKENS
 
 
 def _sample(out) -> Sample:

@@ -21,7 +21,6 @@ frozen and rebuilt from their sources.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from hybridflow_mg.checkpoint import training
 from hybridflow_mg.checkpoint.megatron import META, CheckpointMeta, MegatronSource, save_shard, write_meta
 from hybridflow_mg.checkpoint.optimizer_state import load_optimizer_state, save_optimizer_state
-from hybridflow_mg.models.hf_io import TOKENIZER_FILES, model_params
+from hybridflow_mg.models.hf_io import copy_tokenizer_files, model_params
 from hybridflow_mg.models.layouts import name
 from hybridflow_mg.parallel import faults
 from hybridflow_mg.parallel.grid import on_rank0
@@ -51,8 +50,9 @@ def trainable(run) -> list[tuple[str, object]]:
 
 def save_weights(run, worker, spec, directory: Path, *, role: str, source: str) -> None:
     """`worker`'s weights as a checkpoint in the project's shard format (collective). Every rank of
-    data-parallel index 0 writes its (tp, pp) shard; the logging rank then writes the meta file and
-    copies config and tokenizer facts from the HF directory `source`."""
+    data-parallel index 0 writes its (tp, pp) shard; the logging rank then writes the meta file with
+    the config of the HF directory `source`. The actor's checkpoint also gets the tokenizer the run
+    used (`run.tokenizer`: data.tokenizer when set, else model.path), which `export` passes on."""
     grid, lay = run.grid, run.grid.layout
     params = list(model_params(worker.modules, spec.dims, pp=lay.pp, pp_rank=grid.train.pp, vpp=lay.vpp,
                                naming=run.naming))
@@ -63,10 +63,7 @@ def save_weights(run, worker, spec, directory: Path, *, role: str, source: str) 
     def meta() -> None:
         src = Path(source)
         if role == "actor":
-            (directory / "tokenizer").mkdir(exist_ok=True)
-            for file in TOKENIZER_FILES:
-                if (src / file).is_file():
-                    shutil.copy2(src / file, directory / "tokenizer" / file)
+            copy_tokenizer_files(run.tokenizer.path, directory / "tokenizer", model_dir=src)
         hf_config = json.loads((src / "config.json").read_text())
         dtype = str(params[0][3].dtype).removeprefix("torch.")
         write_meta(directory, CheckpointMeta(hf_config=hf_config, dims=asdict(spec.dims), tp=lay.tp, pp=lay.pp,

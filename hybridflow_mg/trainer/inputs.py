@@ -1,15 +1,17 @@
 """The run's inputs, read and checked without any process group: prompts, tokenizer, the actor's spec.
 
 `load_inputs` is what every rank builds the run from, and what `hybridflow-mg train --nproc N` runs
-before it starts a worker: a bad data row, a missing tokenizer, prompts that are all too long,
-sequences longer than the model's context, layouts that do not split the models, stop tokens outside
-the vocabulary, or settings this machine cannot run are one line and exit status 2 before anything is
-launched or written.
+before it starts a worker: a bad data row, a missing tokenizer or one with ids past the model's
+vocab_size, prompts that are all too long, sequences longer than the model's context, layouts that do not
+split the models, stop tokens outside the vocabulary, or settings this machine cannot run are one line
+and exit status 2 before anything is launched or written.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from hybridflow_mg.data.datasets import PromptBatches, build_prompt_data
-from hybridflow_mg.data.tokenizer import Tokenizer
+from hybridflow_mg.data.tokenizer import Tokenizer, check_fits_model
 from hybridflow_mg.models.hf_spec import ModelSpec, check_layout, read_hf_config, spec_from_hf
 from hybridflow_mg.models.layouts import check_split
 from hybridflow_mg.trainer.config import TrainConfig
@@ -104,10 +106,11 @@ def load_inputs(cfg: TrainConfig) -> tuple[Tokenizer, tuple[PromptBatches, Promp
     needed, so the launcher runs it too, before it starts any worker. Raises one-line ValueErrors."""
     check_device(cfg)
     tokenizer = Tokenizer.from_path(cfg.data.tokenizer or cfg.model.path)
-    batches = build_prompt_data(cfg.data, tokenizer, default_seed=cfg.run.seed)
     spec = spec_from_hf(read_hf_config(cfg.model.path), head="lm", vocab_divisor=cfg.model.vocab_divisor)
+    check_fits_model(tokenizer, spec.dims.vocab_size, Path(cfg.model.path) / "config.json")
     check_layouts(cfg, spec)
     check_stop_tokens(cfg, tokenizer)
+    batches = build_prompt_data(cfg.data, tokenizer, default_seed=cfg.run.seed)
     kept = [b.dataset for b in batches if b is not None]
     check_lengths(cfg, spec, max(len(item.prompt_ids) for d in kept for item in d.items))
     return tokenizer, batches, spec

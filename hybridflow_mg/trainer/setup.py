@@ -141,7 +141,8 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
         reward_model = ModelWorker(grid, _load(grid, rm_spec, cfg.model.reward_model_path, "reward", cfg)[0],
                                    name="reward_model")
 
-    engine = VLLMEngine(cfg.model.path, layout, cfg.rollout, load_weights=False)
+    engine = VLLMEngine(cfg.model.path, layout, cfg.rollout, load_weights=False,
+                        num_decodable_ids=tokenizer.vocab_size)
     hybrid = HybridEngine(grid, actor.modules, spec.dims, engine, naming=naming)
     stop = tuple(cfg.rollout.stop_token_ids) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
     sampling = cfg.rollout.sampling(stop_token_ids=stop)

@@ -49,5 +49,10 @@ def seeded_sampling_repeats_across_processes():
 
 
 @rank_check
+def undecodable_ids_never_sampled():
+    common.check_undecodable_ids_never_sampled(LAYOUT)
+
+
+@rank_check
 def shutdown_keeps_trainer_groups():
     common.check_shutdown_keeps_trainer_groups(LAYOUT)

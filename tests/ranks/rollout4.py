@@ -47,3 +47,8 @@ def seeded_sampling_is_identical_within_tp_group():
     group = next(g for g in LAYOUT.gen_tp_groups if dist.get_rank() in g)
     assert all(everyone[r] == mine for r in group), "ranks of one generation TP group sampled differently"
     assert everyone[0] != everyone[1], "the two replicas had different prompts but sampled alike"
+
+
+@rank_check
+def undecodable_ids_never_sampled():
+    common.check_undecodable_ids_never_sampled(LAYOUT)

@@ -73,10 +73,11 @@ def shared_model_dir() -> str:
     return _STATE["dir"]
 
 
-def hf_greedy(model, prompt: list[int], max_new: int = MAX_NEW) -> list[int]:
+def hf_greedy(model, prompt: list[int], max_new: int = MAX_NEW, suppress: list[int] | None = None) -> list[int]:
     from transformers import GenerationConfig
 
-    gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    gen = GenerationConfig(max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           suppress_tokens=suppress)
     with torch.no_grad():
         out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                              generation_config=gen)
@@ -233,6 +234,39 @@ def check_seeded_sampling(layout: ParallelLayout) -> list:
     stopped = eng.generate(prompts[:1], CONFIG.sampling(temperature=0.0, stop_token_ids=[stop]))[0].samples[0]
     assert stopped.token_ids == greedy[:cut + 1] and stopped.finish_reason == "stop" and stopped.stop_token_id == stop
     return tokens
+
+
+def check_undecodable_ids_never_sampled(layout: ParallelLayout) -> None:
+    """A tokenizer smaller than the model's vocab (`num_decodable_ids`, as Qwen2.5's 151665 ids under
+    151936 rows): at temperature 2, where unmasked samples hit the top third of the vocab often, no id at
+    or above it is sampled; greedy is HF's greedy with those ids suppressed; logprobs are still the
+    model's own (raw) ones. Back at None, sampling is exactly what it was."""
+    eng = engine(layout)
+    weights = random_state_dict(1)
+    eng.load_hf_state_dict(weights)
+    model = hf_model(weights)
+    prompts = prompts_for(layout, count=2)
+    decodable = 200
+    hot = CONFIG.sampling(n=4, temperature=2.0, seed=11)
+
+    def ids(results) -> list[int]:
+        return [t for r in results for s in r.samples for t in s.token_ids]
+
+    unmasked = ids(eng.generate(prompts, hot))
+    assert max(unmasked) >= decodable  # so the check would see a leak
+    eng.num_decodable_ids = decodable
+    try:
+        masked = eng.generate(prompts, hot)
+        assert max(ids(masked)) < decodable and len(ids(masked)) == len(prompts) * 4 * MAX_NEW
+        for prompt, result in zip(prompts, masked):
+            sample = result.samples[0]
+            ref = hf_logprobs(model, prompt, sample.token_ids)
+            assert torch.allclose(torch.tensor(sample.logprobs), ref, atol=1e-4, rtol=0)
+        for prompt, result in zip(prompts, eng.generate(prompts, CONFIG.sampling(temperature=0.0))):
+            assert result.samples[0].token_ids == hf_greedy(model, prompt, suppress=list(range(decodable, VOCAB)))
+    finally:
+        eng.num_decodable_ids = None
+    assert ids(eng.generate(prompts, hot)) == unmasked  # without the mask, exactly as before
 
 
 def check_shutdown_keeps_trainer_groups(layout: ParallelLayout) -> None:

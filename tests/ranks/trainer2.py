@@ -44,6 +44,7 @@ class _RemaxCheck(Callback):
         from hybridflow_mg.trainer.stages import advantages, generate, old_logprobs, score
 
         run = trainer.run
+        assert run.engine.num_decodable_ids == run.tokenizer.vocab_size  # the rollout never samples past it
         batch = next(run.train_batches)
         run.hybrid.sync_weights()
         with run.hybrid.generating():
