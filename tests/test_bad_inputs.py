@@ -156,6 +156,13 @@ CASES = {
     "--max-tokens above the context": (generate(GOOD, flags=("--max-tokens", 500)), "--max-tokens 500 leaves no room"),
     "--max-tokens equal to the context": (generate(GOOD, flags=("--max-tokens", CONTEXT)), "--max-tokens 128 leaves no room"),
     "--max-tokens 0": (generate(GOOD, flags=("--max-tokens", 0)), "--max-tokens must be at least 1"),
+    "--max-model-len above the context": (generate(GOOD, flags=("--max-model-len", 500)),
+                                          "--max-model-len 500 exceeds the model's context of 128"),
+    "prompt + --max-tokens beyond --max-model-len": (
+        generate(GOOD, ids(*[1] * 20), flags=("--max-tokens", 8, "--max-model-len", 24)),
+        "p.jsonl:2: prompt of 20 tokens + --max-tokens 8 exceeds --max-model-len 24; shorten the prompt to at most 16"),
+    "--greedy with --n 2": (generate(GOOD, flags=("--greedy", "--n", 2)), "--n 2 with greedy decoding gives 2 identical"),
+    "--max-model-len 0": (generate(GOOD, flags=("--max-model-len", 0)), "--max-model-len must be at least 1, got 0"),
     "--nproc 0": (generate(GOOD, flags=("--nproc", 0)), "--nproc must be at least 1, got 0"),
     "--nproc=2 with a bad prompt": (generate(ids(VOCAB), flags=("--nproc=2",)), "p.jsonl:1: token id 250"),
     "--nproc 3 with tp=2": (generate(GOOD, flags=("--nproc", 3, "--train", "tp=2,pp=1")), "does not divide the world of 3"),

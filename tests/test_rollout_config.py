@@ -31,7 +31,9 @@ def test_sampling_from_config_with_overrides_and_seeds():
     cfg = RolloutConfig(n=4, temperature=0.7, top_k=20, stop_token_ids=[2, 7], seed=11)
     s = cfg.sampling(seed=100, max_new_tokens=9)
     assert s == Sampling(n=4, temperature=0.7, top_k=20, stop_token_ids=(2, 7), seed=100, max_new_tokens=9)
-    assert cfg.stop_token_ids == (2, 7) and not s.greedy and cfg.sampling(temperature=0).greedy
+    assert cfg.stop_token_ids == (2, 7) and not s.greedy and cfg.sampling(temperature=0, n=1).greedy
+    with pytest.raises(ValueError, match="n=4 with temperature=0: greedy decoding gives n identical samples"):
+        cfg.sampling(temperature=0)
     # sample i of prompt j uses seed + j·n + i: prompt seeds never overlap within a call
     assert [s.request_seed(j) for j in range(3)] == [100, 104, 108]
     with pytest.raises(ValueError, match="temperature"):
@@ -75,3 +77,34 @@ def test_cpu_engine_arguments():
             vllm_cpu.cpu_engine_kwargs({**base, "block_size": 48}, head_dim=64)
         with pytest.raises(ValueError, match=r"head_dim=16 .* one of \[64"):
             vllm_cpu.cpu_engine_kwargs(base, head_dim=16)
+
+
+def test_the_kv_cache_check_counts_bytes_per_token_and_names_the_options_given():
+    from hybridflow_mg.models.layouts import ModelDims
+    from hybridflow_mg.rollout import kv_cache
+
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, fp32 → 2·30·3·64·4 = 46080 bytes per token on one rank
+    dims = ModelDims(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, ffn_hidden_size=1536,
+                     vocab_size=49152)
+    assert kv_cache.bytes_per_token(dims, 1, 4) == 46080
+    assert kv_cache.bytes_per_token(dims, 3, 4) == 46080 // 3
+    assert kv_cache.bytes_per_token(dims, 9, 2) == 2 * 30 * 1 * 64 * 2  # KV heads replicated past gen_tp = 3
+    assert kv_cache.element_bytes("auto", {"torch_dtype": "bfloat16"}) == 2
+    kv_cache.check_fits(5000, 256 << 20, dims=dims, gen_tp=1, element=4)  # 230 MB fits 256 MiB
+    with pytest.raises(ValueError, match=r"^rollout.max_model_len=8192 tokens need 360 MiB of KV cache per rank "
+                                         r"\(46080 bytes per token\), more than rollout.kv_cache_memory_bytes=268435456 "
+                                         r"holds \(about 5825 tokens\); raise rollout.kv_cache_memory_bytes to at least"):
+        kv_cache.check_fits(8192, 256 << 20, dims=dims, gen_tp=1, element=4)
+    with pytest.raises(ValueError, match=r"^--max-model-len=8192 .* more than --kv-cache-mb=256 \(268435456 bytes\)"):
+        kv_cache.check_fits(8192, 256 << 20, dims=dims, gen_tp=1, element=4, names=kv_cache.GENERATE_OPTIONS)
+    kv_cache.check_fits(10 ** 9, None, dims=dims, gen_tp=1, element=4)  # GPU without a set size: vLLM decides
+    # vLLM 0.32's refusal, as printed on CPU, in our words
+    vllm_says = ValueError("To serve at least one request with the model's max seq len (8192), (0.35 GiB KV cache is "
+                           "needed, which is larger than the available KV cache memory (0.24 GiB). Based on the "
+                           "available memory, the estimated maximum model length is 5632. Try increasing "
+                           "`gpu_memory_utilization` (which also controls CPU memory on the CPU backend) or decreasing "
+                           "`max_model_len` when initializing the engine.")
+    said = str(kv_cache.explain_engine_error(vllm_says, kv_cache.GENERATE_OPTIONS))
+    assert said == ("--max-model-len=8192 tokens need 0.35 GiB of KV cache per rank, more than the 0.24 GiB the engine "
+                    "has (--kv-cache-mb); raise --kv-cache-mb or lower --max-model-len")
+    assert kv_cache.explain_engine_error(ValueError("something else")) is None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from hybridflow_mg.commands._args import parse_sizes
+from hybridflow_mg.rollout.config import GREEDY_BELOW
 
 if TYPE_CHECKING:
     from hybridflow_mg.models.hf_spec import ModelSpec
@@ -33,7 +34,13 @@ def add_parser(sub) -> None:
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=64,
-                   help="new tokens per sample; each prompt plus these must fit the model's max_position_embeddings")
+                   help="new tokens per sample; each prompt plus these must fit --max-model-len")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + response the engine holds (default: the longest prompt + --max-tokens; "
+                        "at most the model's max_position_embeddings)")
+    p.add_argument("--kv-cache-mb", type=int, default=None,
+                   help="vLLM KV-cache size per rank in MiB (default on CPU: 256; on GPU vLLM's "
+                        "gpu_memory_utilization decides)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--out", default=None, help="output JSON lines (default: stdout)")
     p.set_defaults(run=run)
@@ -42,18 +49,21 @@ def add_parser(sub) -> None:
 PROMPT_EXAMPLE = '{"prompt_ids": [1, 17, 33]} or {"prompt": "text"}'
 
 
-def read_prompts(path: str, model_dir: str, *, vocab_size: int, context: int, max_new_tokens: int) -> list[list[int]]:
+def read_prompts(path: str, model_dir: str, *, vocab_size: int, context: int, max_new_tokens: int,
+                 context_name: str | None = None) -> list[list[int]]:
     """The prompts of a JSON-lines file as token ids, each checked against the model.
 
     A line is a JSON object with `prompt_ids` (ints in [0, vocab_size)) or `prompt` text (needs a
-    tokenizer in `model_dir`); a prompt plus `max_new_tokens` must fit the `context`
-    (max_position_embeddings). A bad line raises one ValueError `FILE:LINE: problem; fix`.
+    tokenizer in `model_dir`); a prompt plus `max_new_tokens` must fit the `context` (what
+    `context_name` calls it; by default the model's max_position_embeddings). A bad line raises one
+    ValueError `FILE:LINE: problem; fix`.
     """
+    context_name = context_name or f"the model's context of {context} (max_position_embeddings in {config_path(model_dir)})"
     if os.path.isdir(path):
         raise ValueError(f"--prompts {path!r} is a directory; give a JSON-lines file ({PROMPT_EXAMPLE} per line)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--prompts {path!r} does not exist; give a JSON-lines file ({PROMPT_EXAMPLE} per line)")
-    config = os.path.join(model_dir, "config.json")
+    config = config_path(model_dir)
     prompts, tokenizer = [], None
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
@@ -81,13 +91,17 @@ def read_prompts(path: str, model_dir: str, *, vocab_size: int, context: int, ma
             else:
                 raise ValueError(f"{where}: a line needs 'prompt_ids' or 'prompt', e.g. {PROMPT_EXAMPLE}")
             if len(ids) + max_new_tokens > context:
-                raise ValueError(f"{where}: prompt of {len(ids)} tokens + --max-tokens {max_new_tokens} exceeds the "
-                                 f"model's context of {context} (max_position_embeddings in {config}); shorten the "
-                                 f"prompt to at most {context - max_new_tokens} tokens or lower --max-tokens")
+                raise ValueError(f"{where}: prompt of {len(ids)} tokens + --max-tokens {max_new_tokens} exceeds "
+                                 f"{context_name}; shorten the prompt to at most {context - max_new_tokens} tokens "
+                                 f"or lower --max-tokens")
             prompts.append(ids)
     if not prompts:
         raise ValueError(f"--prompts {path!r} has no prompts; write one JSON object per line, e.g. {PROMPT_EXAMPLE}")
     return prompts
+
+
+def config_path(model_dir: str) -> str:
+    return os.path.join(model_dir, "config.json")
 
 
 def _json_kind(value) -> str:
@@ -134,6 +148,7 @@ class GenerateInputs:
     train: dict[str, int]  # {"tp": T, "pp": P} as given to --train
     gen: dict[str, int]  # {"tp": TG} or {} (the training tp)
     prompts: list[list[int]]
+    max_model_len: int  # --max-model-len, or the longest prompt + --max-tokens
     num_decodable_ids: int | None = None  # the size of --hf's tokenizer, when it has one: ids past it are never sampled
 
 
@@ -149,11 +164,15 @@ def check_inputs(args) -> GenerateInputs:
 
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
-    for flag, value in (("--max-tokens", args.max_tokens), ("--n", args.n)):
-        if value < 1:
+    for flag, value in (("--max-tokens", args.max_tokens), ("--n", args.n), ("--max-model-len", args.max_model_len),
+                        ("--kv-cache-mb", args.kv_cache_mb)):
+        if value is not None and value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature} (--greedy samples at 0)")
+    if args.n > 1 and (args.greedy or args.temperature < GREEDY_BELOW):
+        raise ValueError(f"--n {args.n} with greedy decoding gives {args.n} identical samples; drop --greedy and "
+                         f"sample at a --temperature > 0, or ask for --n 1")
     if args.out is not None:
         if os.path.isdir(args.out):
             raise ValueError(f"--out {args.out!r} is a directory; give the path of a file to write")
@@ -170,18 +189,37 @@ def check_inputs(args) -> GenerateInputs:
     ParallelLayout.create(world=args.nproc if args.nproc and launched == 1 else launched, tp=t.get("tp", 1),
                           pp=t.get("pp", 1), gen_tp=g.get("tp"))  # the grid the workers will build
     context = spec.max_position_embeddings
-    if args.max_tokens >= context:
-        raise ValueError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in the model's context of "
-                         f"{context} tokens (max_position_embeddings in {model_dir / 'config.json'}); "
-                         f"lower it below {context}")
+    if args.max_model_len is not None and args.max_model_len > context:
+        raise ValueError(f"--max-model-len {args.max_model_len} exceeds the model's context of {context} tokens "
+                         f"(max_position_embeddings in {model_dir / 'config.json'}); lower it to at most {context}")
+    limit, limit_name = (context, f"the model's context of {context} tokens (max_position_embeddings in "
+                                  f"{model_dir / 'config.json'})") if args.max_model_len is None else \
+        (args.max_model_len, f"--max-model-len {args.max_model_len}")
+    if args.max_tokens >= limit:
+        raise ValueError(f"--max-tokens {args.max_tokens} leaves no room for a prompt in {limit_name}; "
+                         f"lower it below {limit}")
     tokenizer = tokenizer_in(model_dir)
     if tokenizer is not None:
         check_fits_model(tokenizer, spec.dims.vocab_size, model_dir / "config.json",
                          fix="the tokenizer files in --hf do not belong to this model")
-    prompts = read_prompts(args.prompts, str(model_dir), vocab_size=spec.dims.vocab_size, context=context,
-                           max_new_tokens=args.max_tokens)
-    return GenerateInputs(hf_config=hf_config, spec=spec, train=t, gen=g, prompts=prompts,
+    prompts = read_prompts(args.prompts, str(model_dir), vocab_size=spec.dims.vocab_size, context=limit,
+                           max_new_tokens=args.max_tokens, context_name=limit_name)
+    max_model_len = args.max_model_len or max(map(len, prompts)) + args.max_tokens
+    _check_kv_cache(args, spec, g.get("tp", t.get("tp", 1)), max_model_len)
+    return GenerateInputs(hf_config=hf_config, spec=spec, train=t, gen=g, prompts=prompts, max_model_len=max_model_len,
                           num_decodable_ids=tokenizer.vocab_size if tokenizer is not None else None)
+
+
+def _check_kv_cache(args, spec: ModelSpec, gen_tp: int, max_model_len: int) -> None:
+    import torch
+
+    from hybridflow_mg.rollout import kv_cache
+
+    cache = args.kv_cache_mb << 20 if args.kv_cache_mb is not None else None
+    if cache is None and not torch.cuda.is_available():
+        cache = kv_cache.CPU_KV_CACHE_BYTES
+    kv_cache.check_fits(max_model_len, cache, dims=spec.dims, gen_tp=gen_tp,
+                        element=kv_cache.element_bytes(args.dtype, spec.hf_config), names=kv_cache.GENERATE_OPTIONS)
 
 
 def run(args) -> int:
@@ -205,6 +243,7 @@ def _generate(args, inputs: GenerateInputs) -> int:
     from hybridflow_mg.models.hf_io import HFSource, load_into_model
     from hybridflow_mg.rollout.config import RolloutConfig
     from hybridflow_mg.rollout.hybrid_engine import HybridEngine
+    from hybridflow_mg.rollout.kv_cache import GENERATE_OPTIONS
     from hybridflow_mg.rollout.vllm_engine import VLLMEngine
 
     hf_config, spec, t, g, prompts = inputs.hf_config, inputs.spec, inputs.train, inputs.gen, inputs.prompts
@@ -214,8 +253,11 @@ def _generate(args, inputs: GenerateInputs) -> int:
     chunks, built = build_model(spec, grid, role="actor", dtype=args.dtype)
     load_into_model(chunks, HFSource(args.hf, spec.dims), tp=layout.tp, tp_rank=grid.train.tp, pp=layout.pp,
                     pp_rank=grid.train.pp)
-    engine = VLLMEngine(args.hf, layout, RolloutConfig(dtype=args.dtype, max_new_tokens=args.max_tokens),
-                        load_weights=False, num_decodable_ids=inputs.num_decodable_ids)
+    kv_bytes = args.kv_cache_mb << 20 if args.kv_cache_mb is not None else None
+    engine = VLLMEngine(args.hf, layout, RolloutConfig(dtype=args.dtype, max_new_tokens=args.max_tokens,
+                                                       max_model_len=inputs.max_model_len,
+                                                       kv_cache_memory_bytes=kv_bytes),
+                        load_weights=False, option_names=GENERATE_OPTIONS, num_decodable_ids=inputs.num_decodable_ids)
     hybrid = HybridEngine(grid, chunks, spec.dims, engine, naming=built.naming)
     stats = hybrid.sync_weights()
     sampling = engine.config.sampling(n=args.n, temperature=0.0 if args.greedy else args.temperature,

@@ -27,6 +27,8 @@ VLLM_MAX_N_SEQUENCES = 16384
 MAX_ENGINE_SEED = 2**32 - 1
 """vLLM seeds NumPy with the engine seed, and NumPy takes seeds up to 2**32 − 1."""
 _LOGPROBS_MODES = ("raw", "processed")
+GREEDY_BELOW = 1e-5
+"""vLLM decodes greedily below this temperature."""
 
 
 def _int_at_least(key: str, value: object, low: int) -> None:
@@ -64,6 +66,9 @@ def _check_sampling(cfg) -> None:
     _int_at_least("max_new_tokens", cfg.max_new_tokens, 1)
     object.__setattr__(cfg, "stop_token_ids", _token_ids("stop_token_ids", cfg.stop_token_ids))
     _int_at_least("seed", cfg.seed, 0)
+    if cfg.temperature < GREEDY_BELOW and cfg.n > 1:
+        raise ValueError(f"n={cfg.n} with temperature={cfg.temperature}: greedy decoding gives n identical samples "
+                         f"(vLLM refuses it); sample with a temperature > 0, or ask for n=1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +97,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature < 1e-5
+        return self.temperature < GREEDY_BELOW
 
     def request_seed(self, prompt_index: int) -> int:
         """vLLM's seed for prompt ``prompt_index``; vLLM adds the sample index for n > 1."""
@@ -131,7 +136,9 @@ class RolloutConfig:
     """Weights and activations in vLLM; ``auto`` takes the checkpoint's. Use float32 for exactness tests
     on CPU (bf16 there diverges from HF after a few tokens)."""
     max_model_len: int | None = None
-    """Longest prompt + response; left out, the model's max_position_embeddings."""
+    """Longest prompt + response the engine holds (its KV cache must fit one such sequence). Left out,
+    what the run needs: `train` takes data.max_prompt_length + max_new_tokens, `generate` its longest
+    prompt + --max-tokens; never more than the model's max_position_embeddings (see rollout/kv_cache.py)."""
     max_num_seqs: int = 256
     """Sequences vLLM runs at once (prompts × n beyond it wait in its queue)."""
     max_num_batched_tokens: int | None = None

@@ -60,6 +60,7 @@ from typing import Any
 
 import torch
 
+from hybridflow_mg.rollout.kv_cache import CPU_KV_CACHE_BYTES
 from hybridflow_mg.utils.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 CPU_BLOCK_MULTIPLE = 32
 CPU_MIN_HEAD_DIM = 64
-DEFAULT_CPU_KV_CACHE_BYTES = 256 << 20
+DEFAULT_CPU_KV_CACHE_BYTES = CPU_KV_CACHE_BYTES
 
 
 # --- 1. import ---------------------------------------------------------------------------------------
@@ -79,6 +80,8 @@ def import_vllm():
         os.environ[key] = value
     # vLLM logs every prefix-cache reset (each weight update) at INFO; the trainer's own metrics say more
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # its CPU warnings repeat on every rank; errors stay
+    if os.environ["VLLM_LOGGING_LEVEL"] == "ERROR":  # "Triton ... doesn't include CPU backend" is logged before vLLM
+        logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)  # applies that level; one per rank
     with preserved_process_state():
         try:
             import vllm

@@ -52,6 +52,7 @@ from hybridflow_mg.models.layouts import hf_names, match, rules_for
 from hybridflow_mg.models.rowmaps import shard_index, take_shard, to_canonical
 from hybridflow_mg.rollout import vllm_cpu
 from hybridflow_mg.rollout.config import RolloutConfig, Sampling
+from hybridflow_mg.rollout.kv_cache import TRAIN_OPTIONS, OptionNames, explain_engine_error
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +143,13 @@ class VLLMEngine:
     already run over ``layout.world`` ranks. Construction is collective over the world.
     ``num_decodable_ids``: the tokenizer's size (`Tokenizer.vocab_size`); ids from there up are never
     sampled (see the module docstring); None masks nothing.
+    ``option_names``: how the user sets max_model_len and the KV-cache size, named in the error when
+    the cache cannot hold one sequence (config keys by default, `generate`'s flags there).
     """
 
     def __init__(self, model_path: str, layout: ParallelLayout, config: RolloutConfig | None = None, *,
-                 load_weights: bool = True, num_decodable_ids: int | None = None):
+                 load_weights: bool = True, option_names: OptionNames = TRAIN_OPTIONS,
+                 num_decodable_ids: int | None = None):
         if not dist.is_initialized():
             raise RuntimeError("start torch.distributed first (hybridflow_mg.parallel.launch.init_distributed)")
         if dist.get_world_size() != layout.world:
@@ -172,7 +176,13 @@ class VLLMEngine:
             _install_teardown_seam()
             scope.enter_context(_groups_follow_plan(layout))
             scope.enter_context(_without_tokenizer_warmup_noise())
-            self._llm = vllm.LLM(**kwargs)
+            try:
+                self._llm = vllm.LLM(**kwargs)
+            except ValueError as e:  # KV cache too small for max_model_len: said with our option names
+                explained = explain_engine_error(e, option_names)
+                if explained is None:
+                    raise
+                raise explained from e
         self._check_groups()
         self._closed = False
         self.num_decodable_ids = num_decodable_ids

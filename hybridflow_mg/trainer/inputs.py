@@ -38,6 +38,34 @@ def check_lengths(cfg: TrainConfig, spec: ModelSpec, longest_prompt: int | None 
                          f"{spec.sliding_window}, which training does not apply; keep them ≤ {spec.sliding_window}")
 
 
+def engine_max_model_len(cfg: TrainConfig, spec: ModelSpec) -> int:
+    """The engine's max_model_len: `rollout.max_model_len`, or left out, what the run can be asked to
+    hold: data.max_prompt_length (every prompt the run accepts, `Trainer.generate`'s too) +
+    rollout.max_new_tokens, capped at the model's max_position_embeddings. Not the advertised context
+    itself: vLLM sizes its KV cache for one such sequence, and 8192 or 131072 tokens do not fit a CPU
+    run's cache."""
+    if cfg.rollout.max_model_len is not None:
+        return cfg.rollout.max_model_len
+    needed = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    return min(needed, spec.max_position_embeddings) if "max_position_embeddings" in spec.hf_config else needed
+
+
+def check_kv_cache(cfg: TrainConfig, spec: ModelSpec) -> None:
+    """One line when the engine's KV cache cannot hold one sequence of `engine_max_model_len` tokens
+    (known in advance on CPU, where the cache is `rollout.kv_cache_memory_bytes` or 256 MiB; on GPU also
+    when that key is set)."""
+    import torch
+
+    from hybridflow_mg.rollout import kv_cache
+
+    cache = cfg.rollout.kv_cache_memory_bytes
+    if cache is None and not torch.cuda.is_available():
+        cache = kv_cache.CPU_KV_CACHE_BYTES
+    gen_tp = cfg.parallel.gen.tp or cfg.parallel.train.tp
+    kv_cache.check_fits(engine_max_model_len(cfg, spec), cache, dims=spec.dims, gen_tp=gen_tp,
+                        element=kv_cache.element_bytes(cfg.rollout.dtype, spec.hf_config))
+
+
 def check_device(cfg: TrainConfig) -> None:
     """What this machine cannot run, known before anything is built (one line each): without CUDA,
     model.dtype other than float32 (megatron-core's mixed-precision optimizer keeps its loss scale on
@@ -113,4 +141,5 @@ def load_inputs(cfg: TrainConfig) -> tuple[Tokenizer, tuple[PromptBatches, Promp
     batches = build_prompt_data(cfg.data, tokenizer, default_seed=cfg.run.seed)
     kept = [b.dataset for b in batches if b is not None]
     check_lengths(cfg, spec, max(len(item.prompt_ids) for d in kept for item in d.items))
+    check_kv_cache(cfg, spec)
     return tokenizer, batches, spec

@@ -6,7 +6,7 @@ Megatron models so that both live in the same torch.distributed world.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -29,7 +29,7 @@ from hybridflow_mg.rollout.vllm_engine import VLLMEngine
 from hybridflow_mg.trainer.bootstrap import prepare_run, run_dir
 from hybridflow_mg.trainer.checkpoint import find_resume, weights_source
 from hybridflow_mg.trainer.config import TrainConfig, check_batch_split
-from hybridflow_mg.trainer.inputs import load_inputs
+from hybridflow_mg.trainer.inputs import engine_max_model_len, load_inputs
 from hybridflow_mg.trainer.workers import ModelWorker
 
 
@@ -141,8 +141,8 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
         reward_model = ModelWorker(grid, _load(grid, rm_spec, cfg.model.reward_model_path, "reward", cfg)[0],
                                    name="reward_model")
 
-    engine = VLLMEngine(cfg.model.path, layout, cfg.rollout, load_weights=False,
-                        num_decodable_ids=tokenizer.vocab_size)
+    engine = VLLMEngine(cfg.model.path, layout, replace(cfg.rollout, max_model_len=engine_max_model_len(cfg, spec)),
+                        load_weights=False, num_decodable_ids=tokenizer.vocab_size)
     hybrid = HybridEngine(grid, actor.modules, spec.dims, engine, naming=naming)
     stop = tuple(cfg.rollout.stop_token_ids) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
     sampling = cfg.rollout.sampling(stop_token_ids=stop)

@@ -293,7 +293,8 @@ class Trainer:
         a list of chat messages, or a list of token ids. Greedy by default; `max_new_tokens` defaults to
         `rollout.max_new_tokens`, `seed` to `rollout.seed`. Collective: every rank must call it with the
         same arguments. Raises ValueError for a prompt that cannot be encoded or is longer than
-        `data.max_prompt_length`, or `n` / `max_new_tokens` below 1.
+        `data.max_prompt_length`, a prompt + `max_new_tokens` beyond the engine's max_model_len, or `n` /
+        `max_new_tokens` below 1.
         """
         from hybridflow_mg.data.datasets import encode_prompt
         from hybridflow_mg.trainer.stages import decode_response
@@ -310,6 +311,11 @@ class Trainer:
                                  f"{cfg.data.max_prompt_length}")
         if max_new_tokens is None:
             max_new_tokens = run.sampling.max_new_tokens
+        limit = run.engine.config.max_model_len
+        if ids and limit is not None and max(map(len, ids)) + max_new_tokens > limit:
+            i = max(range(len(ids)), key=lambda k: len(ids[k]))
+            raise ValueError(f"generate: prompt {i} ({len(ids[i])} tokens) + max_new_tokens {max_new_tokens} exceeds "
+                             f"the engine's max_model_len={limit}; set rollout.max_model_len, or ask for fewer tokens")
         sampling = run.engine.config.sampling(
             n=n, temperature=temperature, max_new_tokens=max_new_tokens,
             stop_token_ids=run.sampling.stop_token_ids, **({} if seed is None else {"seed": seed}))
