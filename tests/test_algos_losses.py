@@ -120,12 +120,16 @@ def test_kl_estimators_by_hand():
 
 
 def test_kl_estimator_names_from_verl_configs_are_aliases():
-    # verl: kl = k1, mse = k2, low_var_kl = k3; `abs` is its own estimator (above)
-    logp = torch.tensor([[math.log(0.5), math.log(0.2)]], dtype=F64)
-    ref = torch.tensor([[math.log(0.25), math.log(0.4)]], dtype=F64)
-    for alias, name in (("kl", "k1"), ("mse", "k2"), ("low_var_kl", "k3")):
+    # verl: kl = k1, mse = k2, low_var_kl = k3 clamped to [-10, 10]; `abs` is its own estimator (above)
+    logp = torch.tensor([[math.log(0.5), math.log(0.2), -20.0]], dtype=F64)
+    ref = torch.tensor([[math.log(0.25), math.log(0.4), -5.0]], dtype=F64)  # token 2: log r = 15, k3 = e^15 − 16
+    for alias, name in (("kl", "k1"), ("mse", "k2")):
         assert torch.equal(KL_ESTIMATORS.get(alias)(logp, ref), KL_ESTIMATORS.get(name)(logp, ref)), alias
-        KLConfig(estimator=alias)  # accepted by the config check
+    k3 = KL_ESTIMATORS.get("k3")(logp, ref)
+    _close(k3[0, 2:], [math.exp(15) - 16])
+    _close(KL_ESTIMATORS.get("low_var_kl")(logp, ref), [[k3[0, 0].item(), k3[0, 1].item(), 10.0]])
+    for name in ("kl", "mse", "low_var_kl", "abs"):
+        KLConfig(estimator=name)  # accepted by the config check
 
 
 def test_kl_log_ratio_is_clamped():

@@ -162,6 +162,8 @@ CASES = {
         generate(GOOD, ids(*[1] * 20), flags=("--max-tokens", 8, "--max-model-len", 24)),
         "p.jsonl:2: prompt of 20 tokens + --max-tokens 8 exceeds --max-model-len 24; shorten the prompt to at most 16"),
     "--greedy with --n 2": (generate(GOOD, flags=("--greedy", "--n", 2)), "--n 2 with greedy decoding gives 2 identical"),
+    "--greedy with --n 2 under --nproc 2": (generate(GOOD, flags=("--nproc", 2, "--greedy", "--n", 2)),
+                                            "--n 2 with greedy decoding gives 2 identical"),
     "--max-model-len 0": (generate(GOOD, flags=("--max-model-len", 0)), "--max-model-len must be at least 1, got 0"),
     "--nproc 0": (generate(GOOD, flags=("--nproc", 0)), "--nproc must be at least 1, got 0"),
     "--nproc=2 with a bad prompt": (generate(ids(VOCAB), flags=("--nproc=2",)), "p.jsonl:1: token id 250"),

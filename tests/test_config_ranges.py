@@ -47,6 +47,8 @@ LOAD_TIME = [  # (overrides, a part of the message); quickstart: 4 ranks, tp 2, 
     ("run.seed=9223372036854775808", "seed must be an integer in [0, 2**63)"),
     ("run.name=", "name must name a run directory under output_dir"),
     ("run.name=..", "name must name a run directory under output_dir"),
+    ("run.name=/tmp/elsewhere", "name must name a run directory under output_dir (no absolute path"),
+    ("run.name=a/../../b", "name must name a run directory under output_dir (no absolute path, no '..')"),
     # model
     ("model.synthetic.num_heads=3", "hidden_size=256 must be a multiple of num_heads=3"),
     ("model.synthetic.num_train=10", "data.prompts_per_step=32 is more than the model.synthetic.num_train=10"),

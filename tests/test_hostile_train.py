@@ -77,6 +77,11 @@ CASES = {  # name: (extra arguments given the fixture's root, a part of the one 
     "pipeline stages that do not split the layers": (
         lambda root: ["parallel.train.pp=2", "parallel.train.vpp=2"],
         "parallel.train (tp=1, pp=2, vpp=2) cannot split model.path"),
+    "KV cache smaller than one sequence": (lambda root: ["rollout.kv_cache_memory_bytes=1024"],
+                                           "rollout.max_model_len (left out: data.max_prompt_length + "
+                                           "rollout.max_new_tokens)=128 tokens need"),
+    "max_model_len beyond the context": (lambda root: ["rollout.max_model_len=1000"],
+                                         "rollout.max_model_len=1000 exceeds the model's max_position_embeddings = 128"),
     "output_dir is a file": (lambda root: [f"run.output_dir={root / 'a_file'}"], "is a file, not a directory"),
     "output_dir under a file": (lambda root: [f"run.output_dir={root / 'a_file' / 'x'}"], "is a file"),
     "output_dir not writable": (lambda root: ["run.output_dir=/sys/hybridflow_test"], "cannot write in /sys"),

@@ -70,7 +70,7 @@ def test_cpu_engine_arguments():
         vllm_cpu.import_vllm()
         base = dict(block_size=None, kv_cache_memory_bytes=None, enable_sleep_mode=True, enforce_eager=None)
         out = vllm_cpu.cpu_engine_kwargs(base, head_dim=128)
-        assert out == dict(block_size=None, kv_cache_memory_bytes=vllm_cpu.DEFAULT_CPU_KV_CACHE_BYTES,
+        assert out == dict(block_size=None, kv_cache_memory_bytes=256 << 20,
                            enforce_eager=True)
         assert base["enable_sleep_mode"] is True  # the caller's dict is not changed
         with pytest.raises(ValueError, match="block_size=48: .* multiple of 32"):
@@ -108,3 +108,22 @@ def test_the_kv_cache_check_counts_bytes_per_token_and_names_the_options_given()
     assert said == ("--max-model-len=8192 tokens need 0.35 GiB of KV cache per rank, more than the 0.24 GiB the engine "
                     "has (--kv-cache-mb); raise --kv-cache-mb or lower --max-model-len")
     assert kv_cache.explain_engine_error(ValueError("something else")) is None
+
+
+def test_the_engine_holds_what_the_run_needs_unless_told_otherwise():
+    from hybridflow_mg.models.hf_spec import spec_from_hf
+    from hybridflow_mg.trainer.config import ModelConfig, TrainConfig
+    from hybridflow_mg.trainer.inputs import engine_max_model_len
+    from hybridflow_mg.data.config import DataConfig
+    from tests.tiny import llama_config
+
+    def cfg(**rollout):
+        return TrainConfig(model=ModelConfig(path="m"),
+                           data=DataConfig(train_files=["t.parquet"], max_prompt_length=96),
+                           rollout=RolloutConfig(n=2, max_new_tokens=40, **rollout))
+
+    long_context = spec_from_hf(llama_config(max_position_embeddings=8192))
+    short_context = spec_from_hf(llama_config(max_position_embeddings=128))
+    assert engine_max_model_len(cfg(), long_context) == 96 + 40  # not the advertised 8192
+    assert engine_max_model_len(cfg(), short_context) == 128  # capped at the context
+    assert engine_max_model_len(cfg(max_model_len=1000), long_context) == 1000  # as told

@@ -133,7 +133,7 @@ class KLConfig:
     on-policy; prefer k2 or k3 there."""
     estimator: str = "k3"
     """Registered KL estimator: k1 (−log r), k2 (½ (log r)²), k3 (r − 1 − log r), abs (|log r|), with
-    r = π_ref / π; verl's names kl, mse and low_var_kl are aliases of k1, k2 and k3."""
+    r = π_ref / π; verl's names: kl and mse are aliases of k1 and k2, low_var_kl is k3 clamped to [−10, 10]."""
     coef: float = 0.001
     """Initial KL coefficient β (the controller may change it)."""
     controller: str = "fixed"

@@ -8,9 +8,9 @@ with r = π_ref(y_t) / π(y_t), i.e. log r = ref_logprob − logprob:
     k3 = r − 1 − log r       unbiased, low variance, ≥ 0
     abs = |log r|            biased, ≥ 0
 
-Names carried over from verl configs are aliases: ``kl`` is k1, ``mse`` is k2, ``low_var_kl`` is k3
-(verl clamps its k3 to [−10, 10] per token; here log r is clamped instead, as below, which differs
-only where |log r| > ~2.4, a token whose KL is already far outside any sane band).
+Names carried over from verl configs: ``kl`` and ``mse`` are aliases of k1 and k2; ``low_var_kl`` is k3
+with its value clamped to [−10, 10] per token, as verl computes it (k3 itself only clamps log r, so an
+outlier token with log r > ~2.5 counts fully there and at most 10 here).
 
 (k1 is −log r, not log r: E_π[log r] = −KL, and a penalty must be +KL.) log r is clamped to
 ±LOG_RATIO_LIMIT (20) before use, so exp(log r) in k3 stays finite; past the clamp the gradient is 0.
@@ -53,11 +53,19 @@ def k2(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 @KL_ESTIMATORS.register("k3")
-@KL_ESTIMATORS.register("low_var_kl")
 def k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """r − 1 − log r (≥ 0; its gradient in logprob is 1 − r)."""
     log_r = clamped_log_ratio(ref_logprobs, logprobs)
     return torch.exp(log_r) - 1.0 - log_r
+
+
+LOW_VAR_KL_LIMIT = 10.0
+
+
+@KL_ESTIMATORS.register("low_var_kl")
+def low_var_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 clamped to [−LOW_VAR_KL_LIMIT, LOW_VAR_KL_LIMIT] (verl's `low_var_kl`); the gradient is 0 past it."""
+    return k3(logprobs, ref_logprobs).clamp(-LOW_VAR_KL_LIMIT, LOW_VAR_KL_LIMIT)
 
 
 @KL_ESTIMATORS.register("abs")

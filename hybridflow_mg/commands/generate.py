@@ -101,7 +101,13 @@ def read_prompts(path: str, model_dir: str, *, vocab_size: int, context: int, ma
 
 
 def config_path(model_dir: str) -> str:
+    """The config.json of an HF model directory."""
     return os.path.join(model_dir, "config.json")
+
+
+def kv_cache_bytes(args) -> int | None:
+    """--kv-cache-mb in bytes (None when not given)."""
+    return args.kv_cache_mb << 20 if args.kv_cache_mb is not None else None
 
 
 def _json_kind(value) -> str:
@@ -215,9 +221,7 @@ def _check_kv_cache(args, spec: ModelSpec, gen_tp: int, max_model_len: int) -> N
 
     from hybridflow_mg.rollout import kv_cache
 
-    cache = args.kv_cache_mb << 20 if args.kv_cache_mb is not None else None
-    if cache is None and not torch.cuda.is_available():
-        cache = kv_cache.CPU_KV_CACHE_BYTES
+    cache = kv_cache.cache_bytes(kv_cache_bytes(args), on_cpu=not torch.cuda.is_available())
     kv_cache.check_fits(max_model_len, cache, dims=spec.dims, gen_tp=gen_tp,
                         element=kv_cache.element_bytes(args.dtype, spec.hf_config), names=kv_cache.GENERATE_OPTIONS)
 
@@ -253,7 +257,7 @@ def _generate(args, inputs: GenerateInputs) -> int:
     chunks, built = build_model(spec, grid, role="actor", dtype=args.dtype)
     load_into_model(chunks, HFSource(args.hf, spec.dims), tp=layout.tp, tp_rank=grid.train.tp, pp=layout.pp,
                     pp_rank=grid.train.pp)
-    kv_bytes = args.kv_cache_mb << 20 if args.kv_cache_mb is not None else None
+    kv_bytes = kv_cache_bytes(args)
     engine = VLLMEngine(args.hf, layout, RolloutConfig(dtype=args.dtype, max_new_tokens=args.max_tokens,
                                                        max_model_len=inputs.max_model_len,
                                                        kv_cache_memory_bytes=kv_bytes),

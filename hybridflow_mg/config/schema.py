@@ -98,8 +98,10 @@ class RunConfig:
     and rewards they register can be named in YAML and in overrides."""
 
     def __post_init__(self):
-        if not isinstance(self.name, str) or self.name.strip() in ("", ".", ".."):
-            raise ValueError(f"name must name a run directory under output_dir, got {self.name!r}")
+        if (not isinstance(self.name, str) or self.name.strip() in ("", ".") or self.name.startswith("/")
+                or ".." in self.name.replace("\\", "/").split("/")):
+            raise ValueError(f"name must name a run directory under output_dir (no absolute path, no '..'), "
+                             f"got {self.name!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2**63) (torch's generators take at most 64 bits, and "
                              f"megatron-core adds offsets), got {self.seed!r}")

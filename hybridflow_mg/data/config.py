@@ -51,8 +51,9 @@ class DataConfig:
     `truncation`."""
     truncation: str = "error"
     """A prompt longer than max_prompt_length: ``error`` stops before the run starts, naming the row;
-    ``drop`` leaves it out; ``left`` keeps its last max_prompt_length tokens (cuts the start, e.g. a
-    long system prompt); ``right`` keeps its first ones (cuts the question's end). The number dropped
+    ``drop`` leaves it out; ``left`` keeps its last max_prompt_length tokens (cuts the start: BOS and a
+    system prompt go first); ``right`` keeps its first ones (cuts the end, and with it the chat
+    template's assistant header, so the model no longer sees its turn begin). The number dropped
     or truncated is printed at the start and logged with step 1 (`data/*` metrics)."""
     prompts_per_step: int = 32
     """Prompts per training step (each is sampled n times by the rollout); the last partial batch of

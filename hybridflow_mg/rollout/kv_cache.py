@@ -37,11 +37,22 @@ class OptionNames:
     """Bytes per unit of the `kv_cache` option (1 for the config key, 2**20 for `--kv-cache-mb`)."""
 
     def kv_value(self, num_bytes: int) -> str:
+        """`num_bytes` in the unit of the `kv_cache` option (and in bytes when that unit is larger)."""
         return f"{num_bytes // self.kv_cache_unit}" + ("" if self.kv_cache_unit == 1 else f" ({num_bytes} bytes)")
 
 
 TRAIN_OPTIONS = OptionNames()
+TRAIN_DERIVED_OPTIONS = OptionNames(max_model_len="rollout.max_model_len (left out: data.max_prompt_length + "
+                                                  "rollout.max_new_tokens)")
 GENERATE_OPTIONS = OptionNames(max_model_len="--max-model-len", kv_cache="--kv-cache-mb", kv_cache_unit=1 << 20)
+
+
+def cache_bytes(configured: int | None, *, on_cpu: bool) -> int | None:
+    """The engine's KV-cache size in bytes: `configured`, else on CPU `CPU_KV_CACHE_BYTES`; None on GPU
+    without a configured size (vLLM sizes it from gpu_memory_utilization)."""
+    if configured is not None:
+        return configured
+    return CPU_KV_CACHE_BYTES if on_cpu else None
 
 
 def element_bytes(dtype: str, hf_config: dict) -> int:
@@ -70,6 +81,7 @@ def check_fits(max_model_len: int, cache_bytes: int | None, *, dims: ModelDims, 
 
 
 def too_small(max_model_len: int, need: int, have: int, per_token: int, names: OptionNames) -> str:
+    """The one line `check_fits` raises: the need, what the cache holds, and both options to change."""
     fits = have // per_token
     return (f"{names.max_model_len}={max_model_len} tokens need {need / 2**20:.0f} MiB of KV cache per rank "
             f"({per_token} bytes per token), more than {names.kv_cache}={names.kv_value(have)} holds (about {fits} "

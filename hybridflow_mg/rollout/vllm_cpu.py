@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from hybridflow_mg.rollout.kv_cache import CPU_KV_CACHE_BYTES
+from hybridflow_mg.rollout.kv_cache import cache_bytes
 from hybridflow_mg.utils.rng import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 IN_PROCESS_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 CPU_BLOCK_MULTIPLE = 32
 CPU_MIN_HEAD_DIM = 64
-DEFAULT_CPU_KV_CACHE_BYTES = CPU_KV_CACHE_BYTES
 
 
 # --- 1. import ---------------------------------------------------------------------------------------
@@ -230,8 +229,7 @@ def cpu_engine_kwargs(kwargs: dict[str, Any], head_dim: int) -> dict[str, Any]:
     block = out.get("block_size")
     if block is not None and block % CPU_BLOCK_MULTIPLE:
         raise ValueError(f"block_size={block}: vLLM's CPU attention needs a multiple of {CPU_BLOCK_MULTIPLE}")
-    if out.get("kv_cache_memory_bytes") is None:
-        out["kv_cache_memory_bytes"] = DEFAULT_CPU_KV_CACHE_BYTES
+    out["kv_cache_memory_bytes"] = cache_bytes(out.get("kv_cache_memory_bytes"), on_cpu=True)
     if out.pop("enable_sleep_mode", False):
         log.debug("sleep mode is not available on CPU; the engine's sleep()/wake_up() do nothing there")
     if out.get("enforce_eager") is None:

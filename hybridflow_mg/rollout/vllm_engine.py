@@ -34,7 +34,10 @@ by the padding (hundreds of ids), not the vocabulary. ``allowed_token_ids`` woul
 and costs far more: the V1 runner copies a [requests, vocab] mask to the device every step, and the
 V2 runner takes at most 1024 allowed ids. The bias comes after the raw logprobs (``logprobs_mode=raw``
 still reports the model's own distribution, as the trainer computes it) and only when something is
-masked, so sampling is exactly as before for a tokenizer that covers the vocabulary.
+masked, so sampling is exactly as before for a tokenizer that covers the vocabulary. The trainer's
+log-probs still normalise over the whole vocabulary, so with masking the policy that samples differs
+from the one optimised by the probability mass the model puts on the padding ids (untrained rows:
+usually negligible, and visible in `rollout_logprob_diff` under ``logprobs_mode=processed``).
 """
 from __future__ import annotations
 

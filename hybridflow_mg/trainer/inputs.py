@@ -29,6 +29,11 @@ def check_lengths(cfg: TrainConfig, spec: ModelSpec, longest_prompt: int | None 
     limits = [(cfg.rollout.max_model_len, "rollout.max_model_len")] if cfg.rollout.max_model_len is not None else []
     if "max_position_embeddings" in spec.hf_config:
         limits.append((spec.max_position_embeddings, f"the model's max_position_embeddings ({cfg.model.path})"))
+    if cfg.rollout.max_model_len is not None and "max_position_embeddings" in spec.hf_config \
+            and cfg.rollout.max_model_len > spec.max_position_embeddings:
+        raise ValueError(f"rollout.max_model_len={cfg.rollout.max_model_len} exceeds the model's max_position_embeddings "
+                         f"= {spec.max_position_embeddings} ({cfg.model.path}); lower it, or leave it out (the run "
+                         f"then sizes it)")
     for context, key in limits:
         if longest > context:
             raise ValueError(f"{what} = {prompt} + {cfg.rollout.max_new_tokens} = {longest} tokens exceed {key} = "
@@ -58,12 +63,11 @@ def check_kv_cache(cfg: TrainConfig, spec: ModelSpec) -> None:
 
     from hybridflow_mg.rollout import kv_cache
 
-    cache = cfg.rollout.kv_cache_memory_bytes
-    if cache is None and not torch.cuda.is_available():
-        cache = kv_cache.CPU_KV_CACHE_BYTES
+    cache = kv_cache.cache_bytes(cfg.rollout.kv_cache_memory_bytes, on_cpu=not torch.cuda.is_available())
     gen_tp = cfg.parallel.gen.tp or cfg.parallel.train.tp
+    names = kv_cache.TRAIN_OPTIONS if cfg.rollout.max_model_len is not None else kv_cache.TRAIN_DERIVED_OPTIONS
     kv_cache.check_fits(engine_max_model_len(cfg, spec), cache, dims=spec.dims, gen_tp=gen_tp,
-                        element=kv_cache.element_bytes(cfg.rollout.dtype, spec.hf_config))
+                        element=kv_cache.element_bytes(cfg.rollout.dtype, spec.hf_config), names=names)
 
 
 def check_device(cfg: TrainConfig) -> None:
@@ -93,19 +97,25 @@ def check_device(cfg: TrainConfig) -> None:
             raise ValueError(f"model.layer_spec=te: {e}") from None
 
 
-def check_layouts(cfg: TrainConfig, spec: ModelSpec) -> None:
-    """The training layout splits every model the run builds (heads, KV heads, ffn over tp; layers over
-    pp·vpp) and the generation layout splits the actor for vLLM (heads and KV heads over the generation
-    tp): one line naming the keys, before megatron-core or vLLM would refuse inside the workers."""
-    t = cfg.parallel.train
-    gen_tp = cfg.parallel.gen.tp or t.tp
+def model_specs(cfg: TrainConfig, spec: ModelSpec) -> list[tuple[str, str, ModelSpec]]:
+    """(config key, HF directory, spec) of every model the run builds: the actor (and reference) given as
+    `spec`, then the critic and reward model when their own directories are set."""
     specs = [("model.path", cfg.model.path, spec)]
     for key in ("critic_path", "reward_model_path"):
         path = getattr(cfg.model, key)
         if path is not None:
             specs.append((f"model.{key}", path, spec_from_hf(read_hf_config(path), head="value",
                                                               vocab_divisor=cfg.model.vocab_divisor)))
-    for key, path, model in specs:
+    return specs
+
+
+def check_layouts(cfg: TrainConfig, spec: ModelSpec) -> None:
+    """The training layout splits every model the run builds (heads, KV heads, ffn over tp; layers over
+    pp·vpp) and the generation layout splits the actor for vLLM (heads and KV heads over the generation
+    tp): one line naming the keys, before megatron-core or vLLM would refuse inside the workers."""
+    t = cfg.parallel.train
+    gen_tp = cfg.parallel.gen.tp or t.tp
+    for key, path, model in model_specs(cfg, spec):
         try:
             check_layout(model, t.tp, t.pp, t.vpp)
         except ValueError as e:
@@ -135,7 +145,8 @@ def load_inputs(cfg: TrainConfig) -> tuple[Tokenizer, tuple[PromptBatches, Promp
     check_device(cfg)
     tokenizer = Tokenizer.from_path(cfg.data.tokenizer or cfg.model.path)
     spec = spec_from_hf(read_hf_config(cfg.model.path), head="lm", vocab_divisor=cfg.model.vocab_divisor)
-    check_fits_model(tokenizer, spec.dims.vocab_size, Path(cfg.model.path) / "config.json")
+    for _, path, model in model_specs(cfg, spec):  # the critic and reward model read the actor's tokens too
+        check_fits_model(tokenizer, model.dims.vocab_size, Path(path) / "config.json")
     check_layouts(cfg, spec)
     check_stop_tokens(cfg, tokenizer)
     batches = build_prompt_data(cfg.data, tokenizer, default_seed=cfg.run.seed)

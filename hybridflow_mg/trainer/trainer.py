@@ -240,7 +240,7 @@ class Trainer:
         skipped = metrics.get("update_skipped", 0.0) + metrics.get("critic/update_skipped", 0.0)
         self.bad_steps = self.bad_steps + 1 if skipped else 0
         metrics.update(lr=lr, bad_steps=self.bad_steps)
-        if step == 1:  # what the length check did to the data, once (printed at setup too)
+        if step == 1:  # what the length check did to the data, once (a resumed run keeps step 1's row; printed at setup)
             for split, batches in (("train", run.train_batches), ("val", run.val_batches)):
                 if batches is not None:
                     metrics[f"data/{split}_prompts"] = len(batches.dataset)

@@ -69,13 +69,19 @@ class ModelWorker:
 
     # --- the schedule ----------------------------------------------------------------------------------
     def _groups(self, seqs: Sequences, token_budget: int) -> list[list[int]]:
-        """Token-budget micro-batches. With virtual pipeline stages, a multiple of pp of them (megatron-core's
-        interleaved schedule refuses other counts): the largest groups are split while one has two rows,
-        then empty groups fill up the count (padding only: no loss, no gradient, no metrics)."""
+        """Token-budget micro-batches. With virtual pipeline stages every micro-batch is padded to the
+        batch's width, so each holds ⌊budget / width⌋ rows (at least one), and there are a multiple of pp
+        of them (megatron-core's interleaved schedule refuses other counts): the largest groups are split
+        while one has two rows, then empty groups fill up the count (padding only: no loss, no gradient,
+        no metrics)."""
         groups = micro_batches(seqs, token_budget)
         pp = self.grid.layout.pp
         if len(self.chunks) == 1:
             return groups
+        # every micro-batch is padded to one [rows, width] shape (see _run): rows × width must keep the budget
+        per = max(1, token_budget // int(seqs.tokens.size(1)))
+        order = [i for g in groups for i in g]  # longest first
+        groups = [order[k:k + per] for k in range(0, len(order), per)]
         while len(groups) % pp or not groups:
             big = max(range(len(groups)), key=lambda i: (len(groups[i]), -i), default=None)
             if big is None or len(groups[big]) < 2:  # fewer rows than pp (e.g. a small data-parallel share)

@@ -30,9 +30,10 @@ from tests.tiny import llama_config, on_rank0_then_barrier, save_random_hf, shar
 
 CONFIG = llama_config(num_hidden_layers=4, vocab_size=256)
 # (sequences, token budget) of each update, and the micro-batch count the worker makes of it at pp=2, vpp=2
-STEPS = [(6, 4096), (7, 40), (7, 24), (8, 16), (1, 4096), (3, 1)]
-# 1 group split to exactly pp; 2 groups (pp); 3 split to 4; 5 split to 6; 1 row + 1 filler; 3 single rows + 1 filler
-COUNTS_AT_VPP2 = [2, 2, 4, 6, 2, 4]
+# (at vpp > 1 a micro-batch holds ⌊budget / batch width⌋ rows, every one padded to that width)
+STEPS = [(6, 4096), (7, 44), (7, 30), (8, 16), (1, 4096), (3, 1)]
+# 1 group split to exactly pp; 2 groups (pp); 3 split to 4; 8 single rows; 1 row + 1 filler; 3 single rows + 1 filler
+COUNTS_AT_VPP2 = [2, 2, 4, 8, 2, 4]
 
 
 def _batch(n: int, seed: int) -> Sequences:
