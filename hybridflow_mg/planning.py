@@ -249,9 +249,10 @@ def stage_memory(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions, stag
 
 
 def kv_bytes_per_token(dims: ModelDims, gen_tp: int, kv_bytes: int) -> int:
-    """K and V of one token on one generation rank (all layers: p_g = 1)."""
-    kv_heads = max(1, dims.num_kv_heads // gen_tp)  # vLLM replicates KV heads when t_g > kv heads
-    return 2 * dims.num_layers * kv_heads * dims.head_dim * kv_bytes
+    """K and V of one token on one generation rank (all layers: p_g = 1); `rollout.kv_cache.bytes_per_token`."""
+    from hybridflow_mg.rollout.kv_cache import bytes_per_token
+
+    return bytes_per_token(dims, gen_tp, kv_bytes)
 
 
 # --- traffic ---------------------------------------------------------------------------------------
