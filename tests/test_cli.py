@@ -20,9 +20,20 @@ def test_grid_json_has_one_entry_per_rank():
     assert len(plan["ranks"]) == 8
     row = plan["ranks"][5]
     assert row["rank"] == 5 and row["train"] == {"tp": 1, "pp": 1, "dp": 0}
-    assert set(row["gen"]) == {"tp", "pp", "replica"}
+    assert set(row["gen"]) == {"tp", "pp", "replica", "weight_tp"}
     assert row["micro_dp_group"] == [0, 1, 4, 5]
     assert row["recv_fraction"] == pytest.approx(3 / 4)  # (d_g − 1)/(t·p) = 3/4
+
+
+@pytest.mark.parametrize("world,train,gen,fraction", [
+    ("4", "tp=2,pp=2", "tp=4", "1/8"),  # t_g > t: the gen slice inside the rank's own TP slice, its stage's layers held
+    ("64", "tp=4,pp=4", "tp=8", "3/32"),  # NeMo-RL's 70B GRPO layout: (p − 1)/(t_g·p)
+])
+def test_grid_gen_tp_above_train_tp_gives_every_rank_the_minimum(world, train, gen, fraction):
+    proc = cli("grid", "--world", world, "--train", train, "--gen", gen, "--json")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert {row["recv_fraction_exact"] for row in plan["ranks"]} == {fraction} == {plan["min_recv_fraction_exact"]}
 
 
 def test_grid_table_is_readable():

@@ -96,7 +96,7 @@ class PerTensorBaseline:
         self.pp_ranks = next(g for g in layout.pp_groups if rank in g)  # position in the group = stage
         self.sources, self.dests = sources, dests
         self.dtype = next(iter(sources.values())).dtype  # the training dtype: what every broadcast carries
-        gen_tp, gen_rank = layout.gen_tp, layout.gen_coord(rank).tp
+        gen_tp, gen = layout.gen_tp, layout.gen_coord(rank)
         device = next(iter(sources.values())).device
         self.steps = []  # (key, rule, owner stage, Megatron row map of each TP rank or None, vLLM row map)
         for rule, layer in model_units(dims):
@@ -109,7 +109,7 @@ class PerTensorBaseline:
             # split tensors are merged by their row maps even at tp=1 (Megatron's qkv interleave, vocab padding)
             mcore = None if rule.dim is None else \
                 [shard_index(rule, "mcore", dims, layout.tp, k).to(device) for k in range(layout.tp)]
-            vllm = shard_index(rule, "vllm", dims, gen_tp, gen_rank).to(device)
+            vllm = shard_index(rule, "vllm", dims, gen_tp, gen.tp_for(rule.kind)).to(device)
             self.steps.append((key, rule, stage, mcore, vllm))
 
     @torch.no_grad()

@@ -17,7 +17,9 @@ Two kinds of traffic, each bucketed (one collective per bucket, however many ten
 2. Exchange buckets: everything else (vocab-parallel embedding / output rows, norms of other stages,
    the final norm, the value head; all tensors when t_g > t) goes by `all_to_all_single` inside the
    training replica with exact per-peer splits: each needed row from one holder, own rows by a
-   local self-send.
+   local self-send. When t_g > t a rank's per-layer destination is the TP slice inside its own
+   training slice (`GenCoord.weight_tp`), so it self-sends its stage's layers and receives the
+   minimum, (p − 1)/(t_g·p) of the layer weights (`ParallelLayout.min_recv_fraction`).
 
 Every write into a destination comes from a received buffer through a 2-D block-copy map
 (`reshard.kernels.CopyProgram`: one launch per bucket).
@@ -93,7 +95,7 @@ def destination_tensors(dims: ModelDims, layout: ParallelLayout, rank: int, fmt:
     for rule in rules_for(dims):
         for layer in (range(dims.num_layers) if rule.per_layer else [None]):
             if fmt == "vllm":
-                out.append(TensorRef(rule, layer, shard_index(rule, "vllm", dims, layout.gen_tp, g.tp),
+                out.append(TensorRef(rule, layer, shard_index(rule, "vllm", dims, layout.gen_tp, g.tp_for(rule.kind)),
                                      shard_shape(rule, "vllm", dims, layout.gen_tp), name(rule, "vllm", layer)))
                 continue
             start = 0  # HF: one destination per source tensor (q, k, v separately; gate, up separately)

@@ -77,11 +77,17 @@ class HybridEngine:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling, *, whole_batch: bool = False) -> list[Completion]:
         """Completions of this rank's training-DP slice of the global `prompts` (same list on every
-        rank; collective over the training replica), or of all of them with `whole_batch` (collective
-        over the world; for validation and tools)."""
+        rank; collective over the training replica, or over the generation replica when it spans
+        several training replicas), or of all of them with `whole_batch` (collective over the world;
+        for validation and tools)."""
         lay, gen = self.grid.layout, self.grid.gen
         if whole_batch:
             part, group, share = slice(0, len(prompts)), None, (gen.replica, lay.num_gen_replicas)
+        elif lay.train_replicas_per_gen > 1:  # replica R spans k training replicas: it serves their slices
+            k, own = lay.train_replicas_per_gen, dp_slice(len(prompts), lay.dp, self.grid.train.dp)
+            first = self.grid.train.dp - self.grid.train.dp % k
+            part = slice(dp_slice(len(prompts), lay.dp, first).start, dp_slice(len(prompts), lay.dp, first + k - 1).stop)
+            group, share = self.grid.gen_replica_group, (0, 1)
         else:  # replica R serves its training replica's slice: R = dp·d_g + (its place among d_g)
             part = dp_slice(len(prompts), lay.dp, self.grid.train.dp)
             group, share = self.grid.model_parallel_group, (gen.replica % lay.micro_dp, lay.micro_dp)
@@ -92,4 +98,6 @@ class HybridEngine:
         gathered: list[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
         dist.all_gather_object(gathered, local, group=group)
         merged = {i: c for part_ in gathered for i, c in part_.items()}
+        if not whole_batch and lay.train_replicas_per_gen > 1:
+            part = own
         return [merged[i] for i in range(part.start, part.stop)]

@@ -162,7 +162,8 @@ class VLLMEngine:
                              "(vLLM's external_launcher pipeline mode is not supported here)")
         self.layout, self.config = layout, config or RolloutConfig()
         self.rank = dist.get_rank()
-        self.tp_rank = layout.gen_coord(self.rank).tp
+        self.gen_coord = layout.gen_coord(self.rank)
+        self.tp_rank = self.gen_coord.tp
         self.dims = spec_from_hf(read_hf_config(model_path)).dims
 
         with contextlib.ExitStack() as scope:
@@ -280,7 +281,7 @@ class VLLMEngine:
                 if missing:
                     raise KeyError(f"state dict lacks {missing} for vLLM parameter {param_name!r}")
                 canonical = to_canonical(rule, [state_dict[s] for s in sources])
-                index = shard_index(rule, "vllm", self.dims, self.layout.gen_tp, self.tp_rank)
+                index = shard_index(rule, "vllm", self.dims, self.layout.gen_tp, self.gen_coord.tp_for(rule.kind))
                 shard = take_shard(canonical, index, rule.index_dim)
                 if shard.shape != param.shape:
                     raise ValueError(f"{param_name}: shard {tuple(shard.shape)} but vLLM holds {tuple(param.shape)}")

@@ -1,8 +1,8 @@
 """Checks of the 3D-HybridEngine (actor shards → resharder → in-process vLLM) on 4 CPU ranks.
 
-One vLLM engine per launch (engines are expensive and live for the run): the modules hybrid4_tg1 and
-hybrid4_tg2 fix the generation tp and run these checks for training layouts (2,1) and (2,2), whose
-generation TP groups coincide at world 4 (so one engine serves both)."""
+One vLLM engine per launch (engines are expensive and live for the run): the modules hybrid4_tg1,
+hybrid4_tg2 and hybrid4_tg4 fix the generation tp and run these checks for training layouts (2,1) and
+(2,2), whose generation TP groups coincide at world 4 (so one engine serves both)."""
 from __future__ import annotations
 
 import os
@@ -27,18 +27,18 @@ CONFIG = llama_config(hidden_size=128, num_attention_heads=2, num_key_value_head
 STATE: dict = {}
 
 
-def setup(gen_tp: int):
+def setup(gen_tp: int, config=CONFIG):
     """Two random HF models (A, B), Megatron checkpoints of A at (2,1) and (2,2), one engine."""
     if STATE:
         return STATE
     root = shared_tmpdir()
     a, b = os.path.join(root, "a"), os.path.join(root, "b")
-    on_rank0_then_barrier(save_random_hf, CONFIG, a, seed=1)
-    on_rank0_then_barrier(save_random_hf, CONFIG, b, seed=2)
-    spec = spec_from_hf(CONFIG)
+    on_rank0_then_barrier(save_random_hf, config, a, seed=1)
+    on_rank0_then_barrier(save_random_hf, config, b, seed=2)
+    spec = spec_from_hf(config)
     for tp, pp in [(2, 1), (2, 2)]:
         on_rank0_then_barrier(convert, HFSource(a, spec.dims), os.path.join(root, f"ckpt{tp}{pp}"), tp=tp, pp=pp,
-                              role="actor", hf_config=CONFIG)
+                              role="actor", hf_config=config)
     engine = VLLMEngine(a, ParallelLayout(world=4, tp=2, pp=2, gen_tp=gen_tp),
                         RolloutConfig(dtype="float32", max_new_tokens=12), load_weights=False)
     STATE.update(root=root, a=a, b=b, spec=spec, engine=engine)
@@ -77,8 +77,8 @@ def _actor_logprobs(grid, chunks, prompt, response) -> torch.Tensor | None:
     return lp[0, len(prompt) - 1:]
 
 
-def greedy_matches_hf_and_logprobs_match_the_actor(gen_tp: int):
-    setup(gen_tp)
+def greedy_matches_hf_and_logprobs_match_the_actor(gen_tp: int, config=CONFIG):
+    setup(gen_tp, config)
     reference = hf_greedy(STATE["a"])
     for tp, pp in [(2, 1), (2, 2)]:
         grid, chunks, hybrid = _actor(tp, pp, gen_tp, MegatronSource(os.path.join(STATE["root"], f"ckpt{tp}{pp}")))

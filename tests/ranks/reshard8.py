@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import os
 from fractions import Fraction
+from math import prod
 
 import torch
-import torch.distributed as dist
 
 from hybridflow_mg.parallel.grid import Grid
 from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_io import HFSource
 from hybridflow_mg.models.hf_spec import spec_from_hf
-from hybridflow_mg.models.rowmaps import take_shard, to_canonical
+from hybridflow_mg.models.rowmaps import locate, take_shard, to_canonical
 from hybridflow_mg.reshard.execute import Resharder
 from hybridflow_mg.reshard.plan import plan_reshard
 from tests.multirank import rank_check
@@ -48,6 +48,13 @@ def _reshard(tp, pp, gen_tp, vpp=1, fmt="vllm", bucket_bytes=20_000):
             want = take_shard(canonical, ref.index, ref.rule.index_dim)
             assert torch.equal(got, want), f"{ref.name} differs (tp={tp} pp={pp} vpp={vpp} → gen tp={gen_tp})"
         assert stats.recv_bytes == plan.recv_bytes, (stats.recv_bytes, plan.recv_bytes)
+        # exactly what the rank's generation shard needs and its training shards do not hold
+        assert plan.recv_elems == _lacking_elems(plan), (plan.recv_elems, _lacking_elems(plan))
+        # and of the per-layer TP-split weights, the least any assignment gives: 1/t_g − 1/(max(t, t_g)·p)
+        split = lambda ref: ref.rule.per_layer and ref.rule.dim is not None  # noqa: E731
+        split_total = sum(t.numel for m in range(8) for t in plan_reshard(spec.dims, layout, m).train
+                          if split(t)) // layout.dp
+        assert Fraction(_lacking_elems(plan, split), split_total) == layout.min_recv_fraction()
         assert stats.collectives == plan.num_collectives
         if tp % gen_tp == 0 and layout.micro_dp > 1:  # the formula, for the per-layer TP-split weights
             split_total = sum(t.numel for m in range(8) for t in plan_reshard(spec.dims, layout, m, element_size=4).train
@@ -56,6 +63,22 @@ def _reshard(tp, pp, gen_tp, vpp=1, fmt="vllm", bucket_bytes=20_000):
         return plan, stats
     finally:
         grid.destroy()
+
+
+def _lacking_elems(plan, which=lambda ref: True) -> int:
+    """Elements of the rank's destinations (those `which` selects) that none of its training shards holds."""
+    held = {}
+    for t in plan.train:
+        held.setdefault(t.key, []).append(t.index)
+    total = 0
+    for d in plan.dests:
+        if not which(d):
+            continue
+        lacking = d.index >= 0
+        for index in held.get(d.key, []):
+            lacking &= locate(d.index, index) < 0
+        total += int(lacking.sum()) * (prod(d.shape[1:]) if d.rule.index_dim == 0 else d.shape[0])
+    return total
 
 
 def _hf_names(ref):
@@ -99,8 +122,10 @@ def tp2_pp2_vpp2_to_gen_tp1():
 
 
 @rank_check
-def tp2_pp2_to_gen_tp4_larger_than_training():
-    _reshard(2, 2, 4)
+def gen_tp_larger_than_training_tp():
+    for tp, pp in ((2, 2), (2, 1), (1, 2)):  # t_g = 4: each rank receives (p − 1)/(t_g·p) of the layers
+        plan, _ = _reshard(tp, pp, 4)
+        assert not plan.gathers
 
 
 @rank_check
