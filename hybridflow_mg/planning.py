@@ -2,7 +2,7 @@
 
 No torch here: parameter counts come from the `models.layouts` rules (the same table the resharder and
 HF import run on), traffic from `parallel.layout.ParallelLayout.recv_fraction` (the numbers `grid` prints).
-Placement: above `parallel/` and `models/`, below `commands/`; nothing else imports it.
+Placement: above `parallel/` and `models/`, below `commands/`; `planning_search` (plan --search) builds on it.
 
 Memory model, per GPU, at the moment generation runs (everything below is resident then):
 
@@ -68,6 +68,9 @@ OVERHEAD_GIB = 2.0
 """CUDA context, cuBLAS / NCCL workspaces and allocator fragmentation: an allowance per GPU."""
 VLLM_OVERHEAD_GIB = 1.0
 """What vLLM keeps of its own budget besides weights and KV cache (its activations, sampler): an allowance."""
+GEN_PP_UNSUPPORTED = ("the in-process vLLM engine generates with pipeline size 1 only: vLLM's external_launcher "
+                      "has no pipeline-parallel output broadcast in its V2 model runner, and the resharder builds "
+                      "gen pp=1 shards")
 
 
 # --- parameter counts ------------------------------------------------------------------------------
@@ -326,7 +329,7 @@ def traffic(layout: ParallelLayout, model_bytes: int, opt: PlanOptions) -> dict:
 def make_plan(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions) -> dict:
     """Everything the `plan` command reports, as one JSON-ready dict (bytes as integers)."""
     if layout.gen_pp != 1:
-        raise ValueError(f"generation pp={layout.gen_pp}: the resharder builds vLLM shards for gen pp=1 only")
+        raise ValueError(f"generation pp={layout.gen_pp}: {GEN_PP_UNSUPPORTED}; use gen pp=1")
     dims = spec.dims
     if dims.head != "lm":
         raise ValueError("the actor needs a language-model head; pass a *ForCausalLM config")
@@ -438,8 +441,8 @@ def render(plan: dict) -> str:
         if not (opt["sleep_mode"] and opt["offload_during_rollout"]):
             hint += ", turn on sleep mode and offload"
         lines.append(f"  DOES NOT FIT: {why}; raise tp, pp or dp{hint}, shorten the micro-batches, or drop a model")
-    lines += [f"  HybridFlow builds the generation shard around the training shard (redundant copy 0); our vLLM "
-              f"parameters are separate tensors,",
+    lines += ["  HybridFlow builds the generation shard around the training shard (redundant copy 0); our vLLM "
+              "parameters are separate tensors,",
               f"  so the training shard ({mem['bytes']['actor_weights'] / GIB:.2f} GiB) and the generation shard "
               f"({mem['bytes']['gen_weights'] / GIB:.2f} GiB) both live.",
               "",
