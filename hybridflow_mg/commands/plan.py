@@ -61,13 +61,15 @@ def add_parser(sub) -> None:
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (activation estimate)")
     p.add_argument("--gpus-per-node", "--nodes-of", type=int, default=8, help="consecutive ranks per node (default 8)")
     p.add_argument("--sleep-mode", default=None, action=argparse.BooleanOptionalAction,
-                   help="vLLM sleep mode: KV cache freed while training (default: on with --search, as every preset "
-                        "and rollout.enable_sleep_mode; off for one --train layout)")
+                   help="vLLM sleep mode: KV cache freed while training (default: on with --search, as every GPU "
+                        "preset and rollout.enable_sleep_mode; off for one --train layout)")
     p.add_argument("--offload", default=None, action=argparse.BooleanOptionalAction,
                    help="with sleep mode, the training state waits in host memory while vLLM generates "
-                        "(default: on with --search, as every preset; off for one --train layout)")
-    p.add_argument("--nvlink-gbps", type=float, default=370.0, help="NVLink NCCL bus bandwidth, GB/s (default 370)")
-    p.add_argument("--ib-gbps", type=float, default=50.0, help="InfiniBand per GPU, GB/s (default 50)")
+                        "(default: on with --search, as every GPU preset; off for one --train layout)")
+    p.add_argument("--nvlink-gbps", type=float, default=370.0,
+                   help="NVLink NCCL bus bandwidth, GB/s (default 370: NVLink4 on H100, DESIGN.md §2)")
+    p.add_argument("--ib-gbps", type=float, default=50.0,
+                   help="InfiniBand per GPU, GB/s (default 50: one 400 Gb/s NDR NIC per GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_search_flags(p)
     p.set_defaults(run=run)
