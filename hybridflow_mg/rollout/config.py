@@ -13,7 +13,7 @@ step (e.g. run seed and step), so steps differ and a resumed run repeats them.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Literal
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -105,6 +105,30 @@ class Sampling:
 
 
 @dataclass(kw_only=True)
+class ReshardConfig:
+    """How the actor's weights are moved into the engine at every weight sync (reshard/execute.py)."""
+
+    bucket_bytes: int = 256 << 20
+    """Bytes per bucket: tensors are packed into buckets of about this size, one collective each; the
+    extra memory of a reshard is one bucket's buffers (two when overlapped)."""
+    overlap: bool | None = None
+    """Pack bucket k + 1 and scatter bucket k − 1 while bucket k's collective is in flight (async
+    collectives, two bucket slots: twice the extra memory). Left out: on GPU (NCCL runs the collective
+    on its own stream), not on CPU (gloo and the copies share the cores: 1.01–1.08× the serial speed
+    on the 2-core test VM). Resharding is a copy: the weights written are the same either way."""
+    max_workspace_bytes: int | None = None
+    """The most memory the overlapped reshard's two slots may take; above it the reshard runs serially
+    with one slot. Left out: no bound."""
+
+    def __post_init__(self):
+        _int_at_least("bucket_bytes", self.bucket_bytes, 1)
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be true, false or left out, got {self.overlap!r}")
+        if self.max_workspace_bytes is not None:
+            _int_at_least("max_workspace_bytes", self.max_workspace_bytes, 0)
+
+
+@dataclass(kw_only=True)
 class RolloutConfig:
     """The in-process vLLM engine of every rank: default sampling plus engine construction knobs."""
 
@@ -161,6 +185,8 @@ class RolloutConfig:
     enable_sleep_mode: bool = True
     """GPU only: allocate through vLLM's sleep-mode allocator so `sleep()` can free weights / KV cache
     during training. Ignored on CPU (vLLM has no sleep mode there)."""
+    reshard: ReshardConfig = field(default_factory=ReshardConfig)
+    """The weight sync from the actor's training shards into the engine."""
 
     def __post_init__(self):
         _check_sampling(self)

@@ -37,10 +37,14 @@ def dp_slice(num_items: int, dp: int, dp_rank: int) -> slice:
 
 
 class HybridEngine:
-    """Actor (Megatron chunks on the grid) → vLLM engine on the same ranks, via the resharder."""
+    """Actor (Megatron chunks on the grid) → vLLM engine on the same ranks, via the resharder.
+
+    `bucket_bytes`, `overlap`, `max_workspace_bytes`: the resharder's buckets and its overlap of packing
+    and scattering with the collectives (`rollout.reshard` in the train config; reshard/execute.py)."""
 
     def __init__(self, grid, actor_chunks: list[torch.nn.Module], dims, engine: VLLMEngine, *,
-                 naming: str = "local", bucket_bytes: int = 256 << 20):
+                 naming: str = "local", bucket_bytes: int = 256 << 20, overlap: bool | None = None,
+                 max_workspace_bytes: int | None = None):
         if engine.layout.gen_tp_groups != grid.layout.gen_tp_groups or engine.layout.world != grid.layout.world:
             raise ValueError("the vLLM engine's generation groups differ from the grid's plan; build both "
                              "from the same parallel layout")
@@ -56,7 +60,8 @@ class HybridEngine:
             raise RuntimeError(f"vLLM has no parameter {missing[0]} (the layouts table and vLLM's model disagree)")
         self.resharder = Resharder(
             self.plan, [params[t.key].data for t in self.plan.train], [vllm_params[d.name].data for d in self.plan.dests],
-            micro_group=grid.micro_dp_group, replica_group=grid.model_parallel_group, device=grid.device)
+            micro_group=grid.micro_dp_group, replica_group=grid.model_parallel_group, device=grid.device,
+            overlap=overlap, max_workspace_bytes=max_workspace_bytes)
         self.last_stats: ReshardStats | None = None
 
     def sync_weights(self) -> ReshardStats:

@@ -143,7 +143,9 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
 
     engine = VLLMEngine(cfg.model.path, layout, replace(cfg.rollout, max_model_len=engine_max_model_len(cfg, spec)),
                         load_weights=False, num_decodable_ids=tokenizer.vocab_size)
-    hybrid = HybridEngine(grid, actor.modules, spec.dims, engine, naming=naming)
+    sync = cfg.rollout.reshard
+    hybrid = HybridEngine(grid, actor.modules, spec.dims, engine, naming=naming, bucket_bytes=sync.bucket_bytes,
+                          overlap=sync.overlap, max_workspace_bytes=sync.max_workspace_bytes)
     stop = tuple(cfg.rollout.stop_token_ids) or ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
     sampling = cfg.rollout.sampling(stop_token_ids=stop)
     return Run(cfg=cfg, grid=grid, run_dir=out, tracker=tracker, tokenizer=tokenizer, train_batches=train_batches,
