@@ -5,8 +5,8 @@ Pure arithmetic, no torch. Fitting is `planning.make_plan`'s memory model, so a 
 (each row names that command). Placement: beside `planning.py`, below `commands/`.
 
 Enumeration. Training layouts (t, p, vpp, d = N/(t·p)) and generation layouts (t_g, p_g) with t_g·p_g
-dividing t·p and each nested with its training axis (`ParallelLayout`'s rule). A layout is excluded,
-with its reason, when
+dividing t·p or a multiple of it, and each nested with its training axis (`ParallelLayout`'s rule). A
+layout is excluded, with its reason, when
 
 - the model does not split so (heads, KV heads, ffn, vocab over t or t_g; layers over p·vpp);
 - t or t_g is wider than a node (``gpus_per_node``): tensor parallelism all-reduces twice per layer and
@@ -133,14 +133,16 @@ def _nested(a: int, b: int) -> bool:
 
 
 def candidates(gpus: int, max_vpp: int) -> list[Candidate]:
-    """Every layout pair `ParallelLayout` accepts on `gpus` GPUs, vpp up to `max_vpp` (vpp > 1 needs p > 1)."""
+    """Every layout pair `ParallelLayout` accepts on `gpus` GPUs, vpp up to `max_vpp` (vpp > 1 needs p > 1):
+    t_g·p_g divides t·p, or is a multiple of it (a generation replica over several training replicas)."""
     out = []
     for tp in _divisors(gpus):
         for pp in _divisors(gpus // tp):
             for vpp in range(1, (max_vpp if pp > 1 else 1) + 1):
-                for gen_tp in (g for g in _divisors(tp * pp) if _nested(tp, g)):
-                    for gen_pp in (g for g in _divisors(tp * pp // gen_tp) if _nested(pp, g)):
-                        out.append(Candidate(tp, pp, vpp, gen_tp, gen_pp))
+                for gen_tp in (g for g in _divisors(gpus) if _nested(tp, g)):
+                    for gen_pp in (g for g in _divisors(gpus // gen_tp) if _nested(pp, g)):
+                        if _nested(tp * pp, gen_tp * gen_pp):
+                            out.append(Candidate(tp, pp, vpp, gen_tp, gen_pp))
     return out
 
 

@@ -19,7 +19,7 @@ def search_json(*args):
     return json.loads(proc.stdout)
 
 
-# --- a tiny Llama on 4 GPUs, 2 per node: the top three by hand ------------------------------------------
+# --- a tiny Llama on 4 GPUs, 2 per node: the top five by hand ------------------------------------------
 def test_ranking_by_hand(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(llama_config()))
     # hidden 64, 4 heads / 2 KV heads × 16, ffn 96, 2 layers, vocab 250, untied. Rounder constants than a GPU's:
@@ -52,7 +52,9 @@ def test_ranking_by_hand(tmp_path):
 
     model_bytes = 2 * params
     want = [  # (train tp, pp, dp, gen tp), reshard, training, decode
-        ((2, 1, 2, 2), 0.0, compute_s, decode_s(2)),  # t_g = t: d_g = 1, nothing moves; p = 1: no bubble
+        # a TP2 replica over two TP1 training replicas: each rank holds its half already; p = 1: no bubble
+        ((1, 1, 4, 2), 0.0, compute_s, decode_s(2)),
+        ((2, 1, 2, 2), 0.0, compute_s, decode_s(2)),  # t_g = t: d_g = 1, nothing moves (a tie: smaller tp first)
         ((1, 1, 4, 1), 0.0, compute_s, decode_s(1)),
         # d_g = 2: each rank gathers (2−1)/(2·1)·M from its TP partner, inside its node → NVLink
         ((2, 1, 2, 1), model_bytes / 2 / 1e7, compute_s, decode_s(1)),
@@ -60,7 +62,7 @@ def test_ranking_by_hand(tmp_path):
         # m = 8 sequences per DP rank per mini-batch at micro-batch 1
         ((2, 2, 1, 2), model_bytes / 4 / 1e6, compute_s * (1 + 1 / 8), decode_s(2)),
     ]
-    rows = result["ranked"][:4]
+    rows = result["ranked"][:5]
     for row, (layout, reshard, training, decode) in zip(rows, want):
         t, g = row["train"], row["gen"]
         assert (t["tp"], t["pp"], t["dp"], g["tp"]) == layout and t["vpp"] == 1
