@@ -1,15 +1,21 @@
-"""Reshard benchmark (issue 4): our resharder against the per-tensor baseline, same layout, same model, one run.
+"""Reshard benchmark (issues 4, 12, 15): the per-tensor baseline, our serial and our overlapped executor, one run.
 
 Every rank loads its Megatron training shards of a random Llama-shaped HF model (rank 0 writes it to
-a shared temp dir; fp32, at least --model-mb MB), then both methods fill separate vLLM per-rank
-destinations: `reshard.execute.Resharder` (micro-DP all-gather buckets, one collective per bucket)
-and `reshard.baseline.PerTensorBaseline` (all-gather over TP + broadcast over PP, per tensor). Plans,
-copy programs and row maps are built once, as in production; only the `run()` calls are timed, after
-one warm-up each, alternating ours/baseline for --repeats rounds. A round's time is the slowest
-rank's; CPU seconds (all ranks, all threads) and page faults are recorded too, because on a shared
-machine they say more than wall time. Destinations of the two must be bitwise equal (and those of
-ours with the other gather collective), bytes must equal their formulas (ours: the plan; baseline:
-the whole model less what the rank holds). Prints a table, writes JSON.
+a shared temp dir; fp32; the first depth of --layers at least --model-mb MB, deeper ones at its width),
+then every method fills its own vLLM per-rank destinations: `reshard.baseline.PerTensorBaseline`
+(all-gather over TP + broadcast over PP, per tensor) and `reshard.execute.Resharder` (micro-DP
+all-gather buckets, one collective per bucket) for every bucket size of --bucket-mb, once serial
+(one workspace slot: pack, collective, scatter) and once overlapped (two slots, async collectives:
+pack k + 1 and scatter k − 1 while k's collective is in flight). Plans, copy programs and row maps are
+built once, as in production; only the `run()` calls are timed, after one warm-up each, every method
+once per round for --repeats rounds (the order rotated each round, so load drift on a shared machine
+hits all alike). A round's time is the slowest rank's; CPU seconds (all ranks, all threads) and page
+faults are recorded too, because on a shared machine they say more than wall time. All destinations
+must be bitwise equal to the baseline's (and the serial executor's with the other gather collective),
+bytes must equal their formulas (ours: the plan; baseline: the whole model less what the rank holds).
+Prints a table of the first depth and bucket size, then the sweep (speed against peak extra memory);
+writes JSON. Its top-level `ours` is the serial executor at the first depth and bucket size,
+`overlapped` the overlapped one, `runs` every (depth, bucket size).
 
 Page faults. On the CPU test VM a freshly faulted page costs several microseconds, so temporaries
 that glibc hands back to the OS and that are touched again every reshard can cost more than the
@@ -41,7 +47,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from hybridflow_mg.commands._args import parse_sizes  # noqa: E402
-from hybridflow_mg.commands.bench import add_reshard_arguments  # noqa: E402
+from hybridflow_mg.commands.bench import add_reshard_arguments, number_list  # noqa: E402
 from hybridflow_mg.parallel.layout import ParallelLayout  # noqa: E402
 from hybridflow_mg.models.hf_spec import spec_from_hf  # noqa: E402
 from hybridflow_mg.models.layouts import canonical_shape, hf_names, hf_shapes, rules_for  # noqa: E402
@@ -51,13 +57,13 @@ MB = 10**6
 
 
 # --- the model ------------------------------------------------------------------------------------
-def llama_config(width: int) -> dict:
-    """Llama proportions at hidden = 64·width: 8 layers, 8 heads = 8 KV heads, ffn 2.75·hidden, vocab
-    16·hidden (a multiple of 128·8: no Megatron vocab padding for tp ≤ 8, so t and t_g up to 8 divide)."""
+def llama_config(width: int, layers: int = 8) -> dict:
+    """Llama proportions at hidden = 64·width: 8 heads = 8 KV heads, ffn 2.75·hidden, vocab 16·hidden (a
+    multiple of 128·8: no Megatron vocab padding for tp ≤ 8, so t and t_g up to 8 divide)."""
     hidden = 64 * width
     return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden,
                 intermediate_size=176 * width, num_attention_heads=8, num_key_value_heads=8,
-                num_hidden_layers=8, vocab_size=16 * hidden, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                num_hidden_layers=layers, vocab_size=16 * hidden, max_position_embeddings=2048, rms_norm_eps=1e-6,
                 tie_word_embeddings=False, hidden_act="silu",
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, torch_dtype="float32")
 
@@ -68,12 +74,12 @@ def model_bytes(dims, element_size: int = 4) -> int:
     return element_size * sum(per_rule)
 
 
-def sized_config(model_mb: float) -> dict:
-    """The narrowest config of `llama_config` whose fp32 weights are at least `model_mb` MB (10^6 bytes)."""
+def sized_width(model_mb: float, layers: int = 8) -> int:
+    """The narrowest width of `llama_config` whose fp32 weights at `layers` layers are at least `model_mb` MB."""
     width = 1
-    while model_bytes(spec_from_hf(llama_config(width)).dims) < model_mb * MB:
+    while model_bytes(spec_from_hf(llama_config(width, layers)).dims) < model_mb * MB:
         width += 1
-    return llama_config(width)
+    return width
 
 
 def write_random_hf(config: dict, out_dir: Path, seed: int) -> None:
@@ -131,16 +137,66 @@ def _timed(method) -> tuple:
     return stats, float(slowest), cpu2 - cpu, faults2 - faults
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.repeats < 1 or args.model_mb <= 0 or args.bucket_mb <= 0:
-        raise ValueError("--repeats must be >= 1, --model-mb and --bucket-mb positive")
-    from hybridflow_mg.parallel.grid import Grid
-    from hybridflow_mg.parallel.launch import init_distributed
+def _measure_depth(args, layout, grid, device, hf_dir: Path, dims, buckets: list[int]) -> dict:
+    """This rank's record of one model depth: the baseline, then per bucket size serial and overlapped."""
     from hybridflow_mg.models.hf_io import HFSource
     from hybridflow_mg.reshard.baseline import PerTensorBaseline
     from hybridflow_mg.reshard.execute import Resharder
     from hybridflow_mg.reshard.plan import plan_reshard
+
+    # built once per run, like production: plans, copy programs, row maps, destinations
+    rank = grid.rank
+    plans = [plan_reshard(dims, layout, rank, element_size=4, bucket_bytes=b) for b in buckets]
+    source = HFSource(hf_dir, dims)
+    sources = [source.rows(t.rule, t.layer, t.index).to(device) for t in plans[0].train]
+    blank = lambda: [torch.full(d.shape, float("nan"), device=device) for d in plans[0].dests]  # noqa: E731
+    groups = dict(micro_group=grid.micro_dp_group, replica_group=grid.model_parallel_group, device=device)
+    base_dests = blank()
+    methods = {"baseline": PerTensorBaseline(dims, layout, rank, {t.key: s for t, s in zip(plans[0].train, sources)},
+                                             {d.key: x for d, x in zip(plans[0].dests, base_dests)},
+                                             tp_group=grid.tp_group, pp_group=grid.pp_group)}
+    dests = {}
+    for b, plan in zip(buckets, plans):
+        for mode in ("serial", "overlapped"):
+            dests[mode, b] = blank()
+            methods[mode, b] = Resharder(plan, sources, dests[mode, b], overlap=mode == "overlapped", **groups)
+
+    names = list(methods)
+    stats = {name: methods[name].run() for name in names}  # warm-up
+    timings = {name: [] for name in names}  # per repeat: (slowest rank's seconds, my CPU seconds, my faults)
+    for repeat in range(args.repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            stats[name], *t = _timed(methods[name])
+            timings[name].append(t)
+
+    runs = []
+    for b, plan in zip(buckets, plans):
+        serial = methods["serial", b]
+        # serial once more with the other gather collective (untimed): both paths must write the same bits
+        other = blank()
+        Resharder(plan, sources, other, gather_by_alltoall=not serial.gather_by_alltoall, **groups).run()
+        equal = lambda xs: all(torch.equal(a, c) for a, c in zip(xs, base_dests))  # noqa: E731
+        runs.append(dict(bucket_bytes=b, plan_recv=plan.recv_bytes, plan_calls=plan.num_collectives,
+                         plan_peak=plan.peak_buffer_bytes, serial_equal=equal(dests["serial", b]),
+                         overlapped_equal=equal(dests["overlapped", b]),
+                         other_equal=all(torch.equal(a, c) for a, c in zip(dests["serial", b], other)),
+                         serial=vars(stats["serial", b]), overlapped=vars(stats["overlapped", b]),
+                         timings={"serial": timings["serial", b], "overlapped": timings["overlapped", b]},
+                         keep_workspace=serial.keep_workspace, gather_by_alltoall=serial.gather_by_alltoall))
+        del other
+    return dict(rank=rank, held=sum(t.numel for t in plans[0].train) * 4, base=vars(stats["baseline"]),
+                base_timings=timings["baseline"], runs=runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    depths = number_list(args.layers, "--layers", int)
+    buckets = [int(mb * MB) for mb in number_list(args.bucket_mb, "--bucket-mb")]
+    if args.repeats < 1 or args.model_mb <= 0:
+        raise ValueError("--repeats must be >= 1, --model-mb positive")
+    from hybridflow_mg.parallel.grid import Grid
+    from hybridflow_mg.parallel.launch import init_distributed
 
     load_before = os.getloadavg()
     info, device = init_distributed(timeout_minutes=10)  # a rank that fails must not hang the others for long
@@ -149,53 +205,30 @@ def main(argv: list[str] | None = None) -> int:
     rank = grid.rank
     root = _shared_dir()
     try:
-        config = sized_config(args.model_mb)
-        dims = spec_from_hf(config).dims
-        if rank == 0:
-            write_random_hf(config, root / "hf", args.seed)
-        dist.barrier()
-
-        # built once per run, like production: plan, copy programs, row maps, destinations
-        plan = plan_reshard(dims, layout, rank, element_size=4, bucket_bytes=int(args.bucket_mb * MB))
-        source = HFSource(root / "hf", dims)
-        sources = [source.rows(t.rule, t.layer, t.index).to(device) for t in plan.train]
-        blank = lambda: [torch.full(d.shape, float("nan"), device=device) for d in plan.dests]  # noqa: E731
-        ours_dests, base_dests, other_dests = blank(), blank(), blank()
-        ours = Resharder(plan, sources, ours_dests, micro_group=grid.micro_dp_group,
-                         replica_group=grid.model_parallel_group, device=device)
-        base = PerTensorBaseline(dims, layout, rank, {t.key: s for t, s in zip(plan.train, sources)},
-                                 {d.key: x for d, x in zip(plan.dests, base_dests)},
-                                 tp_group=grid.tp_group, pp_group=grid.pp_group)
-
-        ours_stats, base_stats = ours.run(), base.run()  # warm-up
-        timings = {"ours": [], "base": []}  # per repeat: (slowest rank's seconds, my CPU seconds, my faults)
-        for _ in range(args.repeats):  # alternate, so load drift on a shared machine hits both alike
-            ours_stats, *t = _timed(ours)
-            timings["ours"].append(t)
-            base_stats, *t = _timed(base)
-            timings["base"].append(t)
-
-        # ours once more with the other gather collective (untimed): both paths must write the same bits
-        Resharder(plan, sources, other_dests, micro_group=grid.micro_dp_group, replica_group=grid.model_parallel_group,
-                  device=device, gather_by_alltoall=not ours.gather_by_alltoall).run()
-        equal = all(torch.equal(a, b) for a, b in zip(ours_dests, base_dests))
-        other_equal = all(torch.equal(a, b) for a, b in zip(ours_dests, other_dests))
-        del other_dests
-        held = sum(t.numel for t in plan.train) * 4
-        mine = dict(rank=rank, equal=equal, other_equal=other_equal, held=held, plan_recv=plan.recv_bytes,
-                    plan_calls=plan.num_collectives, plan_peak=plan.peak_buffer_bytes, ours=vars(ours_stats),
-                    base=vars(base_stats), timings=timings)
-        everyone = [None] * layout.world
-        dist.all_gather_object(everyone, mine)
-        ours_setup = {"keep_workspace": ours.keep_workspace,
-                      "gather_collective": "all_to_all_single" if ours.gather_by_alltoall else "all_gather_into_tensor"}
-        report = _report(args, layout, config, dims, everyone, device, load_before, info.launcher, ours_setup)
+        width = sized_width(args.model_mb, depths[0])
+        depth_reports = []
+        for layers in depths:
+            config = llama_config(width, layers)
+            dims = spec_from_hf(config).dims
+            hf_dir = root / f"hf_{layers}"
+            if rank == 0:
+                write_random_hf(config, hf_dir, args.seed)
+            dist.barrier()
+            mine = _measure_depth(args, layout, grid, device, hf_dir, dims, buckets)
+            everyone = [None] * layout.world
+            dist.all_gather_object(everyone, mine)
+            depth_reports.append((config, dims, everyone))
+            if rank == 0:
+                shutil.rmtree(hf_dir, ignore_errors=True)
+        default = "overlapped" if device.type == "cuda" else "serial"  # Resharder(overlap=None)
+        report = _report(args, layout, depth_reports, device, load_before, info.launcher, default)
         ok = report["checks"]["all_pass"]
         if rank == 0:
             out = Path(args.out) if args.out else RESULTS / _default_name(layout, device, report["date"][:10])
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=1) + "\n")
             print(_table(report))
+            print(_sweep_table(report))
             print(f"wrote {out}")
         return 0 if ok else 1
     finally:
@@ -229,36 +262,82 @@ def _default_name(layout: ParallelLayout, device: torch.device, date: str) -> st
     return f"reshard_{kind}_w{layout.world}-t{layout.tp}p{layout.pp}{vpp}-tg{layout.gen_tp}_{date}.json"
 
 
-def _side(ranks: list[dict], key: str) -> dict:
-    seconds = [t[0] for t in ranks[0]["timings"][key]]  # the same on every rank (all-reduced)
-    cpu = [sum(r["timings"][key][i][1] for r in ranks) for i in range(len(seconds))]
+def _side(records: list[dict], timings: list[list]) -> dict:
+    """One method across ranks: `records[r]` its stats on rank r, `timings[r]` its (seconds, CPU seconds,
+    faults) per repeat."""
+    seconds = [t[0] for t in timings[0]]  # the same on every rank (all-reduced)
+    cpu = [sum(per_rank[i][1] for per_rank in timings) for i in range(len(seconds))]
     return {
-        "recv_bytes_per_rank": [r[key]["recv_bytes"] for r in ranks],
-        "collectives_per_rank": [r[key]["collectives"] for r in ranks],
-        "peak_extra_bytes_per_rank": [r[key]["peak_buffer_bytes"] for r in ranks],
+        "recv_bytes_per_rank": [r["recv_bytes"] for r in records],
+        "collectives_per_rank": [r["collectives"] for r in records],
+        "peak_extra_bytes_per_rank": [r["peak_buffer_bytes"] for r in records],
         "seconds_per_repeat": seconds,
         "seconds": statistics.median(seconds),
         "cpu_seconds_all_ranks_per_repeat": cpu,
         "cpu_seconds_all_ranks": statistics.median(cpu),
-        "minor_faults_per_rank_median": [statistics.median(t[2] for t in r["timings"][key]) for r in ranks],
+        "minor_faults_per_rank_median": [statistics.median(t[2] for t in per_rank) for per_rank in timings],
     }
 
 
-def _report(args, layout, config, dims, ranks, device, load_before, launcher, setup) -> dict:
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b > 0 else None
+
+
+def _run_report(layout, config, dims, ranks: list[dict], i: int) -> dict:
+    """Bucket size `i` of one depth: the baseline, serial and overlapped sides, predictions and checks."""
     M = model_bytes(dims)
+    runs = [r["runs"][i] for r in ranks]
+    base = _side([r["base"] for r in ranks], [r["base_timings"] for r in ranks])
+    serial = _side([x["serial"] for x in runs], [x["timings"]["serial"] for x in runs])
+    overlapped = _side([x["overlapped"] for x in runs], [x["timings"]["overlapped"] for x in runs])
+    overlapped["overlapped_per_rank"] = [x["overlapped"]["overlapped"] for x in runs]  # False: one bucket, serial
     formula = layout.formula_recv_fraction() if layout.formula_applies else None
-    ours, base = _side(ranks, "ours"), _side(ranks, "base")
     checks = {
-        "destinations_bit_equal": all(r["equal"] for r in ranks),
-        "ours_other_gather_collective_bit_equal": all(r["other_equal"] for r in ranks),
-        "ours_recv_equals_plan": all(r["ours"]["recv_bytes"] == r["plan_recv"] for r in ranks),
-        "ours_calls_equal_plan": all(r["ours"]["collectives"] == r["plan_calls"] for r in ranks),
+        "destinations_bit_equal": all(x["serial_equal"] for x in runs),
+        "ours_other_gather_collective_bit_equal": all(x["other_equal"] for x in runs),
+        "ours_recv_equals_plan": all(x["serial"]["recv_bytes"] == x["plan_recv"] for x in runs),
+        "ours_calls_equal_plan": all(x["serial"]["collectives"] == x["plan_calls"] for x in runs),
+        "overlapped_bit_equal": all(x["overlapped_equal"] for x in runs),
+        "overlapped_recv_equals_plan": all(x["overlapped"]["recv_bytes"] == x["plan_recv"] for x in runs),
+        "overlapped_calls_equal_plan": all(x["overlapped"]["collectives"] == x["plan_calls"] for x in runs),
         "baseline_recv_equals_whole_model_minus_held": all(r["base"]["recv_bytes"] == M - r["held"] for r in ranks),
     }
+    most = max(serial["recv_bytes_per_rank"])  # 0 when generation shards are training shards (d_g = 1, t_g = t)
+    return {
+        "layers": dims.num_layers,
+        "bucket_bytes": runs[0]["bucket_bytes"],
+        "model": {"hf_config": config, "dtype": "float32", "bytes": M,
+                  "num_tensors": sum(dims.num_layers if r.per_layer else 1 for r in rules_for(dims))},
+        "baseline": base,
+        "serial": serial,
+        "overlapped": overlapped,
+        "speedup_serial_vs_baseline": _ratio(base["seconds"], serial["seconds"]),
+        "speedup_overlapped_vs_baseline": _ratio(base["seconds"], overlapped["seconds"]),
+        "speedup_overlapped_vs_serial": _ratio(serial["seconds"], overlapped["seconds"]),
+        "bytes_ratio": max(base["recv_bytes_per_rank"]) / most if most else None,
+        "predicted": {
+            "plan_recv_bytes_per_rank": [x["plan_recv"] for x in runs],
+            "plan_collectives_per_rank": [x["plan_calls"] for x in runs],
+            "plan_peak_buffer_bytes_per_rank": [x["plan_peak"] for x in runs],
+            "formula": "(d_g-1)/(t*p)*M",
+            "formula_fraction": str(formula) if formula is not None else None,
+            "formula_bytes": float(formula * M) if formula is not None else None,
+            "baseline_formula": "M - held (every rank ends with the whole model)",
+            "baseline_formula_bytes_per_rank": [M - r["held"] for r in ranks],
+        },
+        "checks": checks,
+    }
+
+
+def _report(args, layout, depths, device, load_before, launcher, default_executor: str) -> dict:
+    """The JSON: every (depth, bucket size) under `runs`; the first one also at the top level, under the
+    keys of the serial-only benchmark (`ours` = the serial executor) plus `overlapped`."""
+    runs = [_run_report(layout, config, dims, ranks, i)
+            for config, dims, ranks in depths for i in range(len(ranks[0]["runs"]))]
+    first, ranks = runs[0], depths[0][2]
+    checks = {key: all(run["checks"][key] for run in runs) for key in first["checks"]}
     checks["all_pass"] = all(checks.values())
-    speedup = base["seconds"] / ours["seconds"] if ours["seconds"] > 0 else None
-    most = max(ours["recv_bytes_per_rank"])  # 0 when generation shards are training shards (d_g = 1, t_g = t)
-    bytes_ratio = max(base["recv_bytes_per_rank"]) / most if most else None
+    speedup = first["speedup_serial_vs_baseline"]
     return {
         "benchmark": "reshard",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -272,56 +351,77 @@ def _report(args, layout, config, dims, ranks, device, load_before, launcher, se
         "layout": {"train": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "vpp": layout.vpp},
                    "gen": {"tp": layout.gen_tp, "pp": layout.gen_pp}, "micro_dp": layout.micro_dp,
                    "describe": layout.describe()},
-        "model": {"hf_config": config, "dtype": "float32", "bytes": M,
-                  "num_tensors": sum(dims.num_layers if r.per_layer else 1 for r in rules_for(dims))},
-        "settings": {"repeats": args.repeats, "warmup": 1, "bucket_bytes": int(args.bucket_mb * MB), "seed": args.seed,
-                     "timed": "Resharder.run() / PerTensorBaseline.run() only; a repeat's time is the slowest rank's",
-                     **setup},
-        "ours": ours,
-        "baseline": base,
-        "predicted": {
-            "plan_recv_bytes_per_rank": [r["plan_recv"] for r in ranks],
-            "plan_collectives_per_rank": [r["plan_calls"] for r in ranks],
-            "plan_peak_buffer_bytes_per_rank": [r["plan_peak"] for r in ranks],
-            "formula": "(d_g-1)/(t*p)*M",
-            "formula_fraction": str(formula) if formula is not None else None,
-            "formula_bytes": float(formula * M) if formula is not None else None,
-            "baseline_formula": "M - held (every rank ends with the whole model)",
-            "baseline_formula_bytes_per_rank": [M - r["held"] for r in ranks],
-        },
+        "model": first["model"],
+        "settings": {"repeats": args.repeats, "warmup": 1, "bucket_bytes": first["bucket_bytes"],
+                     "bucket_bytes_swept": list(dict.fromkeys(run["bucket_bytes"] for run in runs)),
+                     "layers": [dims.num_layers for _, dims, _ in depths], "seed": args.seed,
+                     "timed": "Resharder.run() (serial, overlapped) / PerTensorBaseline.run() only; a repeat's "
+                              "time is the slowest rank's; every method once per repeat, order rotated",
+                     "keep_workspace": ranks[0]["runs"][0]["keep_workspace"],
+                     "gather_collective": ("all_to_all_single" if ranks[0]["runs"][0]["gather_by_alltoall"]
+                                           else "all_gather_into_tensor"),
+                     "default_executor": default_executor},
+        "ours": first["serial"],
+        "overlapped": first["overlapped"],
+        "baseline": first["baseline"],
+        "predicted": first["predicted"],
         "speedup": speedup,
-        "bytes_ratio": bytes_ratio,
+        "speedup_overlapped": first["speedup_overlapped_vs_baseline"],
+        "speedup_overlapped_vs_serial": first["speedup_overlapped_vs_serial"],
+        "bytes_ratio": first["bytes_ratio"],
         "targets": {"speedup_at_least_3x": speedup is not None and speedup >= 3,
-                    "bytes_at_least_2x_fewer": bytes_ratio is None or bytes_ratio >= 2},
+                    "bytes_at_least_2x_fewer": first["bytes_ratio"] is None or first["bytes_ratio"] >= 2},
         "checks": checks,
+        "runs": runs,
     }
 
 
 def _table(r: dict) -> str:
-    o, b, p = r["ours"], r["baseline"], r["predicted"]
+    """The first depth and bucket size: every figure of the three methods."""
+    o, v, b, p = r["ours"], r["overlapped"], r["baseline"], r["predicted"]
+    per = lambda key, scale=None: [max(x[key]) / scale if scale else max(x[key]) for x in (o, v, b)]  # noqa: E731
+    cpu = [x["cpu_seconds_all_ranks"] for x in (o, v, b)]
     rows = [
-        ("recv MB / rank (max)", max(o["recv_bytes_per_rank"]) / MB, max(b["recv_bytes_per_rank"]) / MB,
-         r["bytes_ratio"]),
-        ("collectives / rank (max)", max(o["collectives_per_rank"]), max(b["collectives_per_rank"]), None),
-        ("peak extra MB / rank (max)", max(o["peak_extra_bytes_per_rank"]) / MB,
-         max(b["peak_extra_bytes_per_rank"]) / MB, None),
-        (f"seconds (median of {r['settings']['repeats']})", o["seconds"], b["seconds"], r["speedup"]),
-        ("CPU s, all ranks (median)", o["cpu_seconds_all_ranks"], b["cpu_seconds_all_ranks"],
-         b["cpu_seconds_all_ranks"] / max(o["cpu_seconds_all_ranks"], 1e-9)),
-        ("page faults / rank (max)", max(o["minor_faults_per_rank_median"]), max(b["minor_faults_per_rank_median"]),
-         None),
+        ("recv MB / rank (max)", per("recv_bytes_per_rank", scale=MB), r["bytes_ratio"]),
+        ("collectives / rank (max)", per("collectives_per_rank"), None),
+        ("peak extra MB / rank (max)", per("peak_extra_bytes_per_rank", scale=MB), None),
+        (f"seconds (median of {r['settings']['repeats']})", [x["seconds"] for x in (o, v, b)], r["speedup"]),
+        ("CPU s, all ranks (median)", cpu, cpu[2] / max(cpu[0], 1e-9)),
+        ("page faults / rank (max)", per("minor_faults_per_rank_median"), None),
     ]
-    fmt = lambda v: f"{v:>12.4f}" if isinstance(v, float) else f"{v:>12}"  # noqa: E731
+    fmt = lambda x: f"{x:>12.4f}" if isinstance(x, float) else f"{x:>12}"  # noqa: E731
     lines = [f"reshard benchmark: {r['layout']['describe']}",
-             f"model {r['model']['bytes'] / MB:.1f} MB fp32 ({r['model']['num_tensors']} tensors); "
+             f"model {r['model']['bytes'] / MB:.1f} MB fp32 ({r['model']['num_tensors']} tensors, "
+             f"{r['model']['hf_config']['num_hidden_layers']} layers), "
+             f"buckets {r['settings']['bucket_bytes'] / MB:g} MB; "
              f"{r['machine']['device']}, {r['machine']['backend']}, load {r['machine']['load_avg_1_5_15_before'][0]}",
-             f"{'':<28}{'ours':>12}{'baseline':>12}{'baseline/ours':>15}",
-             *(f"{name:<28}{fmt(x)}{fmt(y)}{(f'{z:.2f}x' if z is not None else ''):>15}" for name, x, y, z in rows)]
+             f"{'':<28}{'serial':>12}{'overlapped':>12}{'baseline':>12}{'baseline/serial':>17}",
+             *(f"{name:<28}{''.join(fmt(x) for x in xs)}{(f'{z:.2f}x' if z is not None else ''):>17}"
+               for name, xs, z in rows)]
     if p["formula_bytes"] is not None:
         lines.append(f"plan predicts {max(p['plan_recv_bytes_per_rank']) / MB:.4f} MB/rank; "
                      f"(d_g-1)/(t*p)*M = {p['formula_fraction']}*M = {p['formula_bytes'] / MB:.4f} MB; "
                      f"baseline M - held = {max(p['baseline_formula_bytes_per_rank']) / MB:.4f} MB")
     lines.append("checks: " + ", ".join(f"{k}={v}" for k, v in r["checks"].items()))
+    return "\n".join(lines)
+
+
+def _sweep_table(r: dict) -> str:
+    """Every depth and bucket size: seconds and speed-ups against peak extra memory (max over ranks)."""
+    x = lambda v: f"{v:.2f}x" if v is not None else "-"  # noqa: E731
+    lines = [f"sweep (seconds: median of {r['settings']['repeats']}, slowest rank; peak extra MB: max over ranks; "
+             f"default executor here: {r['settings']['default_executor']})",
+             f"{'layers':>6}{'model MB':>10}{'bucket MB':>10}{'calls':>6}{'baseline s':>11}{'serial s':>10}"
+             f"{'overlap s':>10}{'base/ser':>9}{'base/ovl':>9}{'ser/ovl':>8}{'peak base':>10}{'peak ser':>9}"
+             f"{'peak ovl':>9}"]
+    for run in r["runs"]:
+        b, s, o = run["baseline"], run["serial"], run["overlapped"]
+        peak = [max(side["peak_extra_bytes_per_rank"]) / MB for side in (b, s, o)]
+        lines.append(f"{run['layers']:>6}{run['model']['bytes'] / MB:>10.1f}{run['bucket_bytes'] / MB:>10g}"
+                     f"{max(s['collectives_per_rank']):>6}{b['seconds']:>11.4f}{s['seconds']:>10.4f}"
+                     f"{o['seconds']:>10.4f}"
+                     f"{x(run['speedup_serial_vs_baseline']):>9}{x(run['speedup_overlapped_vs_baseline']):>9}"
+                     f"{x(run['speedup_overlapped_vs_serial']):>8}{peak[0]:>10.2f}{peak[1]:>9.2f}{peak[2]:>9.2f}")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """`hybridflow-mg bench reshard` end to end on 4 CPU ranks with a tiny model (one launch, no timing asserts):
-valid JSON, ours and the per-tensor baseline bit-identical, bytes and calls equal to their formulas."""
+valid JSON, the serial and overlapped resharders and the per-tensor baseline bit-identical, bytes and calls
+equal to their formulas, at two depths and two bucket sizes."""
 import json
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from tests.multirank import ROOT, worker_env
 
 LAYOUT = ParallelLayout(world=4, tp=2, pp=2, gen_tp=1)  # d_g = 4: every gather bucket has 4 members
 ARGS = ("--nproc", "4", "--train", "tp=2,pp=2", "--gen", "tp=1", "--model-mb", "1", "--repeats", "1",
-        "--bucket-mb", "0.5")  # small buckets: several gather and exchange buckets
+        "--bucket-mb", "0.5,0.1", "--layers", "4,8")  # small buckets: several gather and exchange buckets
+BUCKETS, DEPTHS = (500_000, 100_000), (4, 8)
 
 
 def cli(*args, timeout=600):
@@ -43,6 +45,19 @@ def test_json_has_the_expected_keys(run):
     assert report["world"] == 4 and report["layout"]["train"] == {"tp": 2, "pp": 2, "dp": 1, "vpp": 1}
     assert report["settings"]["gather_collective"] == "all_to_all_single"  # gloo
     assert {"formula", "formula_bytes", "plan_recv_bytes_per_rank"} <= set(report["predicted"])
+    # the overlapped executor and the sweep: one run per (depth, bucket size), the first one also at the top
+    assert {"overlapped", "speedup_overlapped", "speedup_overlapped_vs_serial", "runs"} <= set(report)
+    assert report["settings"]["layers"] == list(DEPTHS) and report["settings"]["bucket_bytes_swept"] == list(BUCKETS)
+    assert report["settings"]["default_executor"] == "serial"  # CPU
+    assert [(run["layers"], run["bucket_bytes"]) for run in report["runs"]] == [(d, b) for d in DEPTHS for b in BUCKETS]
+    first = report["runs"][0]
+    assert report["ours"] == first["serial"] and report["overlapped"] == first["overlapped"]
+    assert report["baseline"] == first["baseline"] and report["speedup"] == first["speedup_serial_vs_baseline"]
+    for run in report["runs"]:
+        assert {"model", "baseline", "serial", "overlapped", "speedup_serial_vs_baseline",
+                "speedup_overlapped_vs_baseline", "speedup_overlapped_vs_serial", "predicted", "checks"} <= set(run)
+        assert run["model"]["hf_config"]["num_hidden_layers"] == run["layers"]
+        assert len(run["overlapped"]["overlapped_per_rank"]) == 4 and run["overlapped"]["seconds"] > 0
 
 
 def test_destinations_bit_identical_and_all_checks_pass(run):
@@ -50,7 +65,10 @@ def test_destinations_bit_identical_and_all_checks_pass(run):
     assert report["checks"]["destinations_bit_equal"] is True
     assert report["checks"]["ours_other_gather_collective_bit_equal"] is True  # all_gather_into_tensor path too
     assert report["checks"]["all_pass"] is True
-    assert "baseline/ours" in stdout and "wrote " in stdout
+    assert report["checks"]["overlapped_bit_equal"] is True
+    assert all(run["checks"]["overlapped_bit_equal"] and run["checks"]["destinations_bit_equal"]
+               for run in report["runs"])
+    assert "baseline/serial" in stdout and "sweep" in stdout and "wrote " in stdout
 
 
 def test_bytes_and_calls_equal_their_formulas(run):
@@ -75,11 +93,36 @@ def test_bytes_and_calls_equal_their_formulas(run):
     assert report["predicted"]["formula_fraction"] == "3/4"  # (d_g − 1)/(t·p) with d_g = 4
 
 
+def test_every_run_counts_the_plan_and_the_overlapped_workspace_is_two_slots(run):
+    report, _ = run
+    for entry in report["runs"]:
+        dims = spec_from_hf(entry["model"]["hf_config"]).dims
+        serial, over = entry["serial"], entry["overlapped"]
+        for rank in range(4):
+            plan = plan_reshard(dims, LAYOUT, rank, element_size=4, bucket_bytes=entry["bucket_bytes"])
+            for side in (serial, over):  # overlap changes when, not what
+                assert side["recv_bytes_per_rank"][rank] == plan.recv_bytes
+                assert side["collectives_per_rank"][rank] == plan.num_collectives
+            # one slot ≥ the plan's largest bucket (gloo: + the gather's send copies); two when overlapped
+            slot = serial["peak_extra_bytes_per_rank"][rank]
+            assert slot >= plan.peak_buffer_bytes
+            if over["overlapped_per_rank"][rank]:
+                assert over["peak_extra_bytes_per_rank"][rank] == -(-slot // 256) * 256 + slot
+            else:
+                assert plan.num_collectives == 1 and over["peak_extra_bytes_per_rank"][rank] == slot
+        assert entry["checks"]["overlapped_recv_equals_plan"] and entry["checks"]["overlapped_calls_equal_plan"]
+    assert any(all(e["overlapped"]["overlapped_per_rank"]) for e in report["runs"])  # small buckets: many steps
+
+
 @pytest.mark.parametrize("args,message", [
     (("--nproc", "4", "--train", "tp=3,pp=1", "--gen", "tp=1"), "does not divide the world of 4"),
     (("--nproc", "6", "--train", "tp=3,pp=1", "--gen", "tp=1"), "must divide 8"),
     (("--train", "tp=2,pp=2", "--gen", "tp=1"), "give --nproc N"),
     (("--nproc", "4", "--train", "tp=2,pp=2", "--gen", "tp=1", "--repeats", "0"), "--repeats must be at least 1"),
+    (("--nproc", "4", "--train", "tp=2,pp=2", "--gen", "tp=1", "--layers", "8,3"),
+     "--train pp·vpp=2 must divide every depth of --layers, not 3"),
+    (("--nproc", "4", "--train", "tp=2,pp=2", "--gen", "tp=1", "--bucket-mb", "4,0"),
+     "--bucket-mb must be a comma list of positive numbers"),
 ])
 def test_bad_input_exits_2_with_one_line_before_launching(args, message):
     proc = cli("bench", "reshard", *args, timeout=60)

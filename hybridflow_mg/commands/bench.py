@@ -1,14 +1,18 @@
-"""`hybridflow-mg bench reshard`: our resharder against the per-tensor baseline, same layout and model, one run.
+"""`hybridflow-mg bench reshard`: the per-tensor baseline, our serial and our overlapped resharder, one run.
 
 Launches `torchrun --standalone --nproc-per-node N` on `benchmarks/reshard.py` (it lives in the source
 checkout), or runs it in this process when already started by a launcher (torchrun, srun, mpirun).
-Prints a table and writes JSON (default `benchmarks/results/reshard_<device>_<layout>_<date>.json`).
+Every model depth of --layers and bucket size of --bucket-mb is measured in the same run (the sweep
+reports speed against peak extra memory). Prints tables and writes JSON (default
+`benchmarks/results/reshard_<device>_<layout>_<date>.json`).
 
     hybridflow-mg bench reshard --nproc 8 --train tp=2,pp=2 --gen tp=2
+    hybridflow-mg bench reshard --nproc 4 --train tp=2,pp=2 --gen tp=1 --layers 8,16 --bucket-mb 4,16,64
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -18,15 +22,19 @@ from hybridflow_mg.commands._args import parse_sizes
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "reshard.py"
 MODEL_AXIS = 8
-"""The benchmark model has 8 heads, 8 KV heads and 8 layers: tp, gen tp and pp must divide 8."""
+"""The benchmark model has 8 heads and 8 KV heads: tp and gen tp must divide 8 (pp·vpp each depth)."""
 
 # The benchmark's own options, forwarded as they are (benchmarks/reshard.py parses the same table).
 RESHARD_OPTIONS: tuple[tuple[str, dict], ...] = (
     ("--train", dict(required=True, metavar="tp=T,pp=P[,vpp=V]", help="training layout")),
     ("--gen", dict(required=True, metavar="tp=TG", help="generation layout (pp=1)")),
-    ("--model-mb", dict(type=float, default=50.0, help="smallest model size in fp32 MB (10^6 bytes); default 50")),
+    ("--model-mb", dict(type=float, default=50.0, help="smallest size in fp32 MB (10^6 bytes) of the first depth's "
+                                                        "model; deeper ones keep its width. Default 50")),
+    ("--layers", dict(default="8,16", metavar="L1,L2,...", help="model depths, each measured in this run; "
+                                                               "default 8,16")),
     ("--repeats", dict(type=int, default=5, help="timed rounds after one warm-up; the median is reported")),
-    ("--bucket-mb", dict(type=float, default=64.0, help="resharder bucket size in MB; default 64")),
+    ("--bucket-mb", dict(default="64,8", metavar="B1,B2,...", help="resharder bucket sizes in MB, each measured "
+                                                                  "(serial and overlapped); default 64,8")),
     ("--seed", dict(type=int, default=0, help="seed of the random model")),
     ("--out", dict(default=None, help="JSON path (default benchmarks/results/reshard_<device>_<layout>_<date>.json)")),
 )
@@ -38,10 +46,12 @@ def add_reshard_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: reshard (ours vs the per-tensor baseline)", description=__doc__,
+    p = sub.add_parser("bench", help="benchmarks: reshard (ours, serial and overlapped, vs the per-tensor baseline)",
+                       description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    r = benches.add_parser("reshard", help="resharder vs per-tensor gather+broadcast, on N CPU/GPU ranks",
+    r = benches.add_parser("reshard", help="resharder (serial, overlapped) vs per-tensor gather+broadcast, on N "
+                                           "CPU/GPU ranks",
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--nproc", type=int, help="ranks to launch (leave out when already under a launcher)")
     add_reshard_arguments(r)
@@ -58,6 +68,18 @@ def forwarded(args) -> list[str]:
     return argv
 
 
+def number_list(text: str, flag: str, kind: type = float) -> list:
+    """'4,16,64' → [4.0, 16.0, 64.0] (or ints), each positive; else a one-line ValueError naming `flag`."""
+    try:
+        values = [kind(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 < v < math.inf for v in values):
+        noun = "positive integers" if kind is int else "positive numbers"
+        raise ValueError(f"{flag} must be a comma list of {noun}, got {text!r}")
+    return values
+
+
 def check(args, world: int) -> None:
     """One-line ValueErrors before anything is launched: the layout over `world` ranks and the model."""
     from hybridflow_mg.parallel.layout import ParallelLayout
@@ -65,13 +87,17 @@ def check(args, world: int) -> None:
     t = parse_sizes(args.train, ("tp", "pp", "vpp"), "--train")
     g = parse_sizes(args.gen, ("tp",), "--gen")
     ParallelLayout.create(world=world, tp=t.get("tp", 1), pp=t.get("pp", 1), vpp=t.get("vpp", 1), gen_tp=g.get("tp"))
-    for name, size in (("--train tp", t.get("tp", 1)), ("--train pp·vpp", t.get("pp", 1) * t.get("vpp", 1)),
-                       ("--gen tp", g.get("tp", t.get("tp", 1)))):
+    for name, size in (("--train tp", t.get("tp", 1)), ("--gen tp", g.get("tp", t.get("tp", 1)))):
         if MODEL_AXIS % size:
-            raise ValueError(f"{name}={size} must divide {MODEL_AXIS} (the benchmark model has 8 heads, "
-                             f"8 KV heads and 8 layers)")
-    if args.repeats < 1 or args.model_mb <= 0 or args.bucket_mb <= 0:
-        raise ValueError("--repeats must be at least 1; --model-mb and --bucket-mb must be positive")
+            raise ValueError(f"{name}={size} must divide {MODEL_AXIS} (the benchmark model has 8 heads and "
+                             f"8 KV heads)")
+    stages = t.get("pp", 1) * t.get("vpp", 1)
+    for layers in number_list(args.layers, "--layers", int):
+        if layers % stages:
+            raise ValueError(f"--train pp·vpp={stages} must divide every depth of --layers, not {layers}")
+    number_list(args.bucket_mb, "--bucket-mb")
+    if args.repeats < 1 or args.model_mb <= 0:
+        raise ValueError("--repeats must be at least 1; --model-mb must be positive")
 
 
 def run(args) -> int:
