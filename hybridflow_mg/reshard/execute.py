@@ -24,10 +24,11 @@ after its scatter, on the same stream (on NCCL `work.wait()` makes the current s
 collective's stream; the packs and scatters stay on the current stream). The workspace is then two
 slots. The default (`overlap=None`) overlaps on CUDA only: there the collective runs on NCCL's own
 stream, beside the packs and scatters on the current one (not yet measured on a GPU). On CPU gloo's
-transfer and the copies compete for the same cores: on the 2-core test VM, 4 ranks, overlap was
-1.01–1.08× the serial speed (2–26 buckets; within the run-to-run spread) for twice the extra memory
-(benchmarks/results/README.md), so CPU stays serial. When two slots would exceed
-`max_workspace_bytes`, or there is a single bucket, the resharder runs serially with one slot.
+transfer and the copies compete for the same cores: on the 2-core test VM (4 ranks, load 13–44) the
+overlapped medians were 0.74–1.92× the serial speed over 2–26 buckets, with the same CPU seconds, i.e.
+no gain beyond the run-to-run spread, for twice the extra memory (benchmarks/results/README.md); so
+CPU stays serial. When two slots would exceed `max_workspace_bytes`, or there is a single bucket, the
+resharder runs serially with one slot.
 
 Gloo. `all_gather_into_tensor` on gloo is an allgather into a hidden, freshly allocated flat buffer
 of the output's size plus a copy-out (ProcessGroupGloo's allgather work), i.e. twice the memory

@@ -114,8 +114,8 @@ class ReshardConfig:
     overlap: bool | None = None
     """Pack bucket k + 1 and scatter bucket k − 1 while bucket k's collective is in flight (async
     collectives, two bucket slots: twice the extra memory). Left out: on GPU (NCCL runs the collective
-    on its own stream), not on CPU (gloo and the copies share the cores: 1.01–1.08× the serial speed
-    on the 2-core test VM). Resharding is a copy: the weights written are the same either way."""
+    on its own stream), not on CPU (gloo and the copies share the cores: no gain beyond the noise on
+    the 2-core test VM). Resharding is a copy: the weights written are the same either way."""
     max_workspace_bytes: int | None = None
     """The most memory the overlapped reshard's two slots may take; above it the reshard runs serially
     with one slot. Left out: no bound."""
