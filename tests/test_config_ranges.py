@@ -38,7 +38,7 @@ LOAD_TIME = [  # (overrides, a part of the message); quickstart: 4 ranks, tp 2, 
     ("rollout.dtype=fp8", "'rollout.dtype' must be one of"),
     ("reward.dynamic_sampling=true rollout.n=1 algo.advantage.estimator=gae", "every sample would be dropped"),
     # layouts
-    ("parallel.gen.pp=2", "parallel.gen.pp=2: the in-process vLLM engine generates with pipeline size 1 only"),
+    ("parallel.gen.pp=0", "parallel.gen: pp must be a positive integer, got 0"),
     ("parallel.train.vpp=2", "vpp=2 needs pp > 1"),
     ("parallel.train.tp=0", "tp must be a positive integer"),
     ("dist.timeout_minutes=0", "timeout_minutes must be a positive integer"),
@@ -139,18 +139,20 @@ SETUP_TIME = [  # (model config.json overrides, train tp, pp, gen tp, a part of 
     (dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=384), 1, 1, 3,
      "the generation tp=3 (parallel.gen.tp, else parallel.train.tp) cannot split model.path (m) for vLLM: vllm tp=3 "
      "and num_kv_heads=2: one must divide the other"),
+    (dict(num_hidden_layers=3), 1, 1, (1, 2), "parallel.gen.pp=2 does not divide the 3 layers of model.path (m)"),
 ]
 
 
-@pytest.mark.parametrize("hf,tp,pp,gen_tp,message", SETUP_TIME, ids=["train tp", "train pp", "gen tp"])
+@pytest.mark.parametrize("hf,tp,pp,gen_tp,message", SETUP_TIME, ids=["train tp", "train pp", "gen tp", "gen pp"])
 def test_a_layout_that_does_not_split_the_model_is_one_line_at_setup(hf, tp, pp, gen_tp, message):
     """`trainer/inputs.py: check_layouts`, which the launcher runs on the model's config.json (in-memory here)."""
     from hybridflow_mg.models.hf_spec import spec_from_hf
     from hybridflow_mg.trainer.inputs import check_layouts
 
+    gen_tp, gen_pp = gen_tp if isinstance(gen_tp, tuple) else (gen_tp, 1)
     cfg = load_config(TrainConfig, None, ["model.path=m", "data.train_files=[x.parquet]", "rollout.n=2",
                                           f"parallel.train.tp={tp}", f"parallel.train.pp={pp}",
-                                          f"parallel.gen.tp={gen_tp}"])
+                                          f"parallel.gen.tp={gen_tp}", f"parallel.gen.pp={gen_pp}"])
     with pytest.raises(ValueError) as err:
         check_layouts(cfg, spec_from_hf(llama_config(**hf), head="lm"))
     assert message in str(err.value) and "\n" not in str(err.value), str(err.value)

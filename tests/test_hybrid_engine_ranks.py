@@ -1,5 +1,5 @@
 """Issue 5's checks: Megatron shards → resharder → vLLM on 4 CPU ranks, at generation tp 1 and 2, and 4
-(above the training tp: issue 15)."""
+(above the training tp: issue 15); and generation pp 2 on 2 ranks."""
 import pytest
 
 from tests.multirank import assert_rank_check, check_names
@@ -14,3 +14,8 @@ def test_hybrid_engine_on_4_ranks(module, name):
 @pytest.mark.parametrize("name", check_names("tests.ranks.hybrid4_tg4"))
 def test_hybrid_engine_gen_tp_above_training_tp(name):
     assert_rank_check("tests.ranks.hybrid4_tg4", 4, name)
+
+
+@pytest.mark.parametrize("name", check_names("tests.ranks.hybrid2_pp2"))
+def test_hybrid_engine_gen_pipeline_parallel(name):
+    assert_rank_check("tests.ranks.hybrid2_pp2", 2, name)

@@ -129,7 +129,7 @@ def test_recv_fraction_is_the_brute_force_minimum(tp, pp, gen_tp, gen_pp, vpp):
         assert ours == per_rank
         assert set(ours) == {lay.min_recv_fraction()}
         assert sum(ours) == total
-    else:  # `grid` only (gen pp > 1 does not run); with vpp > 1 vLLM's stage order (sorted positions) costs more
+    else:  # with vpp > 1, vLLM's stage order (a stage is its sorted position) can cost more than the brute force
         assert sum(ours) >= total
 
 

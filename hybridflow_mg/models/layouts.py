@@ -189,6 +189,23 @@ def layer_location(layer: int, num_layers: int, pp: int = 1, vpp: int = 1) -> tu
     return chunk % pp, chunk // pp, local
 
 
+def vllm_stage_holds(rule: "ParamRule", layer: int | None, dims: ModelDims, gen_pp: int, stage: int) -> bool:
+    """Whether vLLM's pipeline stage ``stage`` of ``gen_pp`` has a parameter for (rule, layer).
+
+    vLLM 0.32 ``model_executor/models/llama.py``: ``make_layers`` builds layers
+    ``get_pp_indices(num_layers, stage, gen_pp)`` (an even split; we refuse uneven ones, where vLLM
+    hands the remainder to the middle stages) and ``PPMissingLayer`` elsewhere; ``embed_tokens`` lives
+    on the first stage, and on the last too when the embeddings are tied (the LM head shares it);
+    ``norm`` and ``lm_head`` on the last stage.
+    """
+    check_pp(dims.num_layers, gen_pp)
+    if rule.per_layer:
+        return layer // (dims.num_layers // gen_pp) == stage
+    if rule.key == "embedding":
+        return stage == 0 or (dims.tie_embeddings and stage == gen_pp - 1)
+    return stage == gen_pp - 1  # final norm, output layer
+
+
 # --- per-parameter rules ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ParamRule:

@@ -1,7 +1,8 @@
 """The reshard plan: pure data (no processes) saying, for one rank, what it sends, receives and writes where.
 
 Training shards (Megatron, layout t·p·d, vpp) become generation shards (vLLM per-rank layout, or full
-HF tensors) in the layout t_g (p_g = 1). HybridFlow §5: each generation shard is assembled inside
+HF tensors) in the layout t_g·p_g; with p_g > 1 a rank's destinations are its vLLM stage's parameters
+(`models.layouts.vllm_stage_holds`). HybridFlow §5: each generation shard is assembled inside
 the *micro-DP group* of d_g = t·p/t_g ranks that hold its pieces, so a rank receives only what its
 generation shard needs and it does not hold: (d_g − 1)/(t·p)·M when t_g | t (the formula is exact for
 the TP-split layer weights; stage-only tensors — embedding, output layer, norms — are moved exactly
@@ -32,7 +33,8 @@ from functools import cached_property
 import torch
 
 from hybridflow_mg.parallel.layout import ParallelLayout
-from hybridflow_mg.models.layouts import ModelDims, ParamRule, hf_names, layer_location, name, rules_for
+from hybridflow_mg.models.layouts import (ModelDims, ParamRule, hf_names, layer_location, name, rules_for,
+                                          vllm_stage_holds)
 from hybridflow_mg.models.rowmaps import index_to_runs, locate, shard_index, shard_shape
 
 FORMATS = ("vllm", "hf")
@@ -85,15 +87,18 @@ def _train_ref(rule, layer, dims, tp, tp_rank) -> TensorRef:
 
 
 def destination_tensors(dims: ModelDims, layout: ParallelLayout, rank: int, fmt: str = "vllm") -> list[TensorRef]:
-    """`rank`'s generation tensors: vLLM's per-rank parameters, or every HF tensor (needs gen tp 1)."""
+    """`rank`'s generation tensors: vLLM's per-rank parameters (those of its pipeline stage), or every HF
+    tensor (needs gen tp = pp = 1)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown reshard destination {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt == "hf" and layout.gen_tp != 1:
-        raise ValueError("an HF destination holds whole tensors: plan it with generation tp=1")
+    if fmt == "hf" and (layout.gen_tp != 1 or layout.gen_pp != 1):
+        raise ValueError("an HF destination holds whole tensors: plan it with generation tp=1, pp=1")
     g = layout.gen_coord(rank)
     out = []
     for rule in rules_for(dims):
         for layer in (range(dims.num_layers) if rule.per_layer else [None]):
+            if fmt == "vllm" and not vllm_stage_holds(rule, layer, dims, layout.gen_pp, g.pp):
+                continue
             if fmt == "vllm":
                 out.append(TensorRef(rule, layer, shard_index(rule, "vllm", dims, layout.gen_tp, g.tp_for(rule.kind)),
                                      shard_shape(rule, "vllm", dims, layout.gen_tp), name(rule, "vllm", layer)))
@@ -211,8 +216,9 @@ def _symmetric(dims: ModelDims, layout: ParallelLayout) -> bool:
 def plan_reshard(dims: ModelDims, layout: ParallelLayout, rank: int, *, fmt: str = "vllm", element_size: int = 2,
                  bucket_bytes: int = 256 << 20) -> RankPlan:
     """The plan of `rank`. Pure and deterministic: every rank derives the same global picture."""
-    if layout.gen_pp != 1:
-        raise ValueError("the resharder writes generation pp=1 layouts; set parallel.gen.pp=1")
+    if dims.num_layers % layout.gen_pp:
+        raise ValueError(f"gen pp={layout.gen_pp} does not divide the {dims.num_layers} layers (vLLM would split "
+                         f"them unevenly); pick a gen pp dividing {dims.num_layers}")
     replica = next(g for g in layout.model_parallel_groups if rank in g)
     micro = next(g for g in layout.micro_dp_groups if rank in g)
     train = {m: training_tensors(dims, layout, m) for m in replica}

@@ -46,6 +46,12 @@ CPU only (`cpu_engine_kwargs`, `cpu_construction`)
      also ran exact against HF at t_g = 2, so the floor is conservative); ``kv_cache_memory_bytes`` always set (else ``CPUWorker`` reserves
      ``gpu_memory_utilization`` × the node's RAM); no sleep mode (``CPUWorker.sleep`` only warns);
      eager by default (``torch.compile`` of the model costs minutes on a few cores).
+  6. Pipeline receive buffers (gen pp > 1). A later stage's ``GPUModelRunner.execute_model`` copies
+     the hidden states it receives into ``runner.intermediate_tensors`` (``sync_and_gather_intermediate_
+     tensors`` asserts they exist), which only ``_dummy_run`` allocates; the CPU runner's warm-up
+     (``CPUModelRunner.warming_up_model``) returns at once in eager mode, so the first step fails.
+     `allocate_pp_receive_buffers` does what ``_dummy_run`` does, after construction. With it, a gen pp=2
+     engine under external_launcher decodes exactly like transformers (tests/ranks/hybrid2_pp2.py).
   Not needed: torchvision / torchaudio / torchcodec (pip pulls CUDA builds that break ``import vllm``;
   setup uninstalls them) are never imported by the text-only paths used here.
 """
@@ -212,6 +218,16 @@ def cpu_construction():
 
 
 # --- 5. engine arguments --------------------------------------------------------------------------
+def allocate_pp_receive_buffers(runner) -> None:
+    """Item 6: a non-first pipeline stage's receive buffers, as ``GPUModelRunner._dummy_run`` makes them."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state.get_pp_group().is_first_rank or runner.intermediate_tensors is not None:
+        return
+    runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
+        batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device)
+
+
 def check_head_dim(head_dim: int) -> None:
     """One line when CPU attention cannot run (or is not exact for) this head size."""
     from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend

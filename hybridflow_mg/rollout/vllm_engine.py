@@ -1,9 +1,11 @@
 """The in-process vLLM engine of every rank: the rollout half of the 3D-HybridEngine.
 
 One `VLLMEngine` per run on every rank (SPMD, vLLM's ``external_launcher``): it joins the trainer's
-torch.distributed world (gloo on CPU, NCCL on GPU), runs generation with tensor parallelism t_g
-(pipeline 1) over the generation TP groups that `ParallelLayout` plans, and exposes this rank's vLLM
-parameters (vLLM names, per-rank shards) so that the resharder writes them in place.
+torch.distributed world (gloo on CPU, NCCL on GPU), runs generation with tensor parallelism t_g and
+pipeline parallelism p_g over the generation groups that `ParallelLayout` plans, and exposes this rank's
+vLLM parameters (vLLM names, per-rank shards of its stage) so that the resharder writes them in place.
+With p_g > 1 vLLM's external_launcher broadcasts the last stage's sampled tokens to every stage
+(``GPUModelRunner.broadcast_pp_output``), so every rank returns the same completions.
 
 Two seams into vLLM, each the only one of its kind:
 
@@ -157,9 +159,6 @@ class VLLMEngine:
             raise RuntimeError("start torch.distributed first (hybridflow_mg.parallel.launch.init_distributed)")
         if dist.get_world_size() != layout.world:
             raise ValueError(f"the layout plans {layout.world} ranks but {dist.get_world_size()} were launched")
-        if layout.gen_pp != 1:
-            raise ValueError(f"generation pp={layout.gen_pp}: the in-process engine runs gen pp=1 only "
-                             "(vLLM's external_launcher pipeline mode is not supported here)")
         self.layout, self.config = layout, config or RolloutConfig()
         self.rank = dist.get_rank()
         self.gen_coord = layout.gen_coord(self.rank)
@@ -188,6 +187,8 @@ class VLLMEngine:
                     raise
                 raise explained from e
         self._check_groups()
+        if self.on_cpu and layout.gen_pp > 1:
+            vllm_cpu.allocate_pp_receive_buffers(self._llm.llm_engine.model_executor.driver_worker.worker.model_runner)
         self._closed = False
         self.num_decodable_ids = num_decodable_ids
 
@@ -195,7 +196,7 @@ class VLLMEngine:
         cfg = self.config
         kwargs = dict(
             model=model_path, skip_tokenizer_init=True, generation_config="vllm",  # no HF sampling defaults
-            tensor_parallel_size=self.layout.gen_tp, pipeline_parallel_size=1,
+            tensor_parallel_size=self.layout.gen_tp, pipeline_parallel_size=self.layout.gen_pp,
             distributed_executor_backend="external_launcher", seed=cfg.seed, dtype=cfg.dtype,
             max_num_seqs=cfg.max_num_seqs, enable_prefix_caching=cfg.enable_prefix_caching,
             enforce_eager=cfg.enforce_eager, gpu_memory_utilization=cfg.gpu_memory_utilization,
@@ -211,11 +212,13 @@ class VLLMEngine:
     def _check_groups(self) -> None:
         from vllm.distributed import parallel_state
 
-        tp = parallel_state.get_tp_group()
-        planned = next(g for g in self.layout.gen_tp_groups if self.rank in g)
-        if tp.ranks != planned or tp.rank_in_group != self.tp_rank:
-            raise RuntimeError(f"vLLM built TP group {tp.ranks} (rank {tp.rank_in_group} in it) on rank "
-                               f"{self.rank}; the plan is {planned} (rank {self.tp_rank})")
+        for kind, group, groups, position in (("TP", parallel_state.get_tp_group(), self.layout.gen_tp_groups, self.tp_rank),
+                                              ("PP", parallel_state.get_pp_group(), self.layout.gen_pp_groups,
+                                               self.gen_coord.pp)):
+            planned = next(g for g in groups if self.rank in g)
+            if group.ranks != planned or group.rank_in_group != position:
+                raise RuntimeError(f"vLLM built {kind} group {group.ranks} (rank {group.rank_in_group} in it) on rank "
+                                   f"{self.rank}; the plan is {planned} (rank {position})")
 
     # --- facts -----------------------------------------------------------------------------------------
     @property

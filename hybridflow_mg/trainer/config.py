@@ -252,9 +252,6 @@ class TrainConfig:
             raise ValueError(f"rollout.temperature must be positive for RL, at least {MIN_SAMPLING_TEMPERATURE} (vLLM "
                              f"samples lower ones at {MIN_SAMPLING_TEMPERATURE} while log-probs are taken at the "
                              f"configured one), got {self.rollout.temperature}; greedy decoding is only for validation")
-        if self.parallel.gen.pp != 1:
-            raise ValueError(f"parallel.gen.pp={self.parallel.gen.pp}: the in-process vLLM engine generates with "
-                             "pipeline size 1 only; set parallel.gen.pp=1")
         if self.reward.dynamic_sampling and self.rollout.n < 2:
             raise ValueError(f"reward.dynamic_sampling drops the groups whose scores are all equal, and rollout.n="
                              f"{self.rollout.n} makes every group one sample, so every sample would be dropped; set "

@@ -112,7 +112,8 @@ def model_specs(cfg: TrainConfig, spec: ModelSpec) -> list[tuple[str, str, Model
 def check_layouts(cfg: TrainConfig, spec: ModelSpec) -> None:
     """The training layout splits every model the run builds (heads, KV heads, ffn over tp; layers over
     pp·vpp) and the generation layout splits the actor for vLLM (heads and KV heads over the generation
-    tp): one line naming the keys, before megatron-core or vLLM would refuse inside the workers."""
+    tp, layers over the generation pp): one line naming the keys, before megatron-core or vLLM would refuse
+    inside the workers."""
     t = cfg.parallel.train
     gen_tp = cfg.parallel.gen.tp or t.tp
     for key, path, model in model_specs(cfg, spec):
@@ -126,6 +127,11 @@ def check_layouts(cfg: TrainConfig, spec: ModelSpec) -> None:
     except ValueError as e:
         raise ValueError(f"the generation tp={gen_tp} (parallel.gen.tp, else parallel.train.tp) cannot split "
                          f"model.path ({cfg.model.path}) for vLLM: {e}") from None
+    gen_pp = cfg.parallel.gen.pp
+    if spec.dims.num_layers % gen_pp:
+        raise ValueError(f"parallel.gen.pp={gen_pp} does not divide the {spec.dims.num_layers} layers of model.path "
+                         f"({cfg.model.path}); vLLM would split them unevenly: pick a gen pp dividing "
+                         f"{spec.dims.num_layers}")
 
 
 def check_stop_tokens(cfg: TrainConfig, tokenizer: Tokenizer) -> None:

@@ -27,8 +27,9 @@ CONFIG = llama_config(hidden_size=128, num_attention_heads=2, num_key_value_head
 STATE: dict = {}
 
 
-def setup(gen_tp: int, config=CONFIG):
-    """Two random HF models (A, B), Megatron checkpoints of A at (2,1) and (2,2), one engine."""
+def setup(gen_tp: int, config=CONFIG, *, gen_pp: int = 1, layouts=((2, 1), (2, 2))):
+    """Two random HF models (A, B), Megatron checkpoints of A at the training `layouts` (tp, pp), and one
+    engine (the layouts' generation groups must coincide)."""
     if STATE:
         return STATE
     root = shared_tmpdir()
@@ -36,12 +37,13 @@ def setup(gen_tp: int, config=CONFIG):
     on_rank0_then_barrier(save_random_hf, config, a, seed=1)
     on_rank0_then_barrier(save_random_hf, config, b, seed=2)
     spec = spec_from_hf(config)
-    for tp, pp in [(2, 1), (2, 2)]:
+    for tp, pp in layouts:
         on_rank0_then_barrier(convert, HFSource(a, spec.dims), os.path.join(root, f"ckpt{tp}{pp}"), tp=tp, pp=pp,
                               role="actor", hf_config=config)
-    engine = VLLMEngine(a, ParallelLayout(world=4, tp=2, pp=2, gen_tp=gen_tp),
+    tp, pp = layouts[-1]
+    engine = VLLMEngine(a, ParallelLayout(world=dist.get_world_size(), tp=tp, pp=pp, gen_tp=gen_tp, gen_pp=gen_pp),
                         RolloutConfig(dtype="float32", max_new_tokens=12), load_weights=False)
-    STATE.update(root=root, a=a, b=b, spec=spec, engine=engine)
+    STATE.update(root=root, a=a, b=b, spec=spec, engine=engine, gen_pp=gen_pp, layouts=layouts)
     return STATE
 
 
@@ -54,7 +56,7 @@ def hf_greedy(model_dir: str, max_new: int = 12) -> list[list[int]]:
 
 
 def _actor(tp: int, pp: int, gen_tp: int, source):
-    grid = Grid.create(ParallelLayout(world=4, tp=tp, pp=pp, gen_tp=gen_tp))
+    grid = Grid.create(ParallelLayout(world=dist.get_world_size(), tp=tp, pp=pp, gen_tp=gen_tp, gen_pp=STATE["gen_pp"]))
     spec = STATE["spec"]
     chunks, _ = build_model(spec, grid, role="actor", layer_spec_name="local")
     load_into_model(chunks, source, tp=tp, tp_rank=grid.train.tp, pp=pp, pp_rank=grid.train.pp)
@@ -77,10 +79,10 @@ def _actor_logprobs(grid, chunks, prompt, response) -> torch.Tensor | None:
     return lp[0, len(prompt) - 1:]
 
 
-def greedy_matches_hf_and_logprobs_match_the_actor(gen_tp: int, config=CONFIG):
-    setup(gen_tp, config)
+def greedy_matches_hf_and_logprobs_match_the_actor(gen_tp: int, config=CONFIG, **layouts):
+    setup(gen_tp, config, **layouts)
     reference = hf_greedy(STATE["a"])
-    for tp, pp in [(2, 1), (2, 2)]:
+    for tp, pp in STATE["layouts"]:
         grid, chunks, hybrid = _actor(tp, pp, gen_tp, MegatronSource(os.path.join(STATE["root"], f"ckpt{tp}{pp}")))
         try:
             stats = hybrid.sync_weights()
@@ -99,12 +101,12 @@ def greedy_matches_hf_and_logprobs_match_the_actor(gen_tp: int, config=CONFIG):
 
 def two_successive_weight_updates_each_take_effect(gen_tp: int):
     setup(gen_tp)
-    spec = STATE["spec"]
-    grid, chunks, hybrid = _actor(2, 2, gen_tp, HFSource(STATE["b"], spec.dims))
+    spec, (tp, pp) = STATE["spec"], STATE["layouts"][-1]
+    grid, chunks, hybrid = _actor(tp, pp, gen_tp, HFSource(STATE["b"], spec.dims))
     try:
         hybrid.sync_weights()
         assert [c.samples[0].token_ids for c in _greedy(hybrid)] == hf_greedy(STATE["b"])
-        load_into_model(chunks, HFSource(STATE["a"], spec.dims), tp=2, tp_rank=grid.train.tp, pp=2, pp_rank=grid.train.pp)
+        load_into_model(chunks, HFSource(STATE["a"], spec.dims), tp=tp, tp_rank=grid.train.tp, pp=pp, pp_rank=grid.train.pp)
         hybrid.sync_weights()
         assert [c.samples[0].token_ids for c in _greedy(hybrid)] == hf_greedy(STATE["a"])
     finally:

@@ -31,9 +31,9 @@ def _model():
     return _MODEL["dir"], _MODEL["spec"]
 
 
-def _reshard(tp, pp, gen_tp, vpp=1, fmt="vllm", bucket_bytes=20_000):
+def _reshard(tp, pp, gen_tp, vpp=1, fmt="vllm", bucket_bytes=20_000, gen_pp=1):
     hf_dir, spec = _model()
-    layout = ParallelLayout(world=8, tp=tp, pp=pp, vpp=vpp, gen_tp=gen_tp)
+    layout = ParallelLayout(world=8, tp=tp, pp=pp, vpp=vpp, gen_tp=gen_tp, gen_pp=gen_pp)
     grid = Grid.create(layout)
     try:
         source = HFSource(hf_dir, spec.dims)
@@ -50,13 +50,16 @@ def _reshard(tp, pp, gen_tp, vpp=1, fmt="vllm", bucket_bytes=20_000):
         assert stats.recv_bytes == plan.recv_bytes, (stats.recv_bytes, plan.recv_bytes)
         # exactly what the rank's generation shard needs and its training shards do not hold
         assert plan.recv_elems == _lacking_elems(plan), (plan.recv_elems, _lacking_elems(plan))
-        # and of the per-layer TP-split weights, the least any assignment gives: 1/t_g − 1/(max(t, t_g)·p)
+        # and of the per-layer TP-split weights, the layout's recv_fraction: the least any assignment
+        # gives, 1/(t_g·p_g) − 1/(max(t, t_g)·max(p, p_g)), where the layer intervals nest
         split = lambda ref: ref.rule.per_layer and ref.rule.dim is not None  # noqa: E731
         split_total = sum(t.numel for m in range(8) for t in plan_reshard(spec.dims, layout, m).train
                           if split(t)) // layout.dp
-        assert Fraction(_lacking_elems(plan, split), split_total) == layout.min_recv_fraction()
+        assert Fraction(_lacking_elems(plan, split), split_total) == layout.recv_fraction(grid.rank)
+        if vpp == 1 or gen_pp == 1:
+            assert layout.recv_fraction(grid.rank) == layout.min_recv_fraction()
         assert stats.collectives == plan.num_collectives
-        if tp % gen_tp == 0 and layout.micro_dp > 1:  # the formula, for the per-layer TP-split weights
+        if tp % gen_tp == 0 and layout.micro_dp > 1 and gen_pp == 1:  # gathered: the formula, for the TP-split layers
             split_total = sum(t.numel for m in range(8) for t in plan_reshard(spec.dims, layout, m, element_size=4).train
                               if t.rule.per_layer and t.rule.dim is not None) // layout.dp * 4
             assert Fraction(plan.gathered_bytes(), split_total) == layout.formula_recv_fraction()
@@ -126,6 +129,13 @@ def gen_tp_larger_than_training_tp():
     for tp, pp in ((2, 2), (2, 1), (1, 2)):  # t_g = 4: each rank receives (p − 1)/(t_g·p) of the layers
         plan, _ = _reshard(tp, pp, 4)
         assert not plan.gathers
+
+
+@rank_check
+def generation_pipeline_stages():
+    for tp, pp, gen_tp, vpp in ((2, 2, 2, 1), (2, 2, 1, 1), (2, 1, 2, 1), (1, 4, 1, 1), (2, 2, 1, 2)):
+        plan, _ = _reshard(tp, pp, gen_tp, vpp=vpp, gen_pp=2)  # each rank: its vLLM stage's parameters only
+        assert {d.layer for d in plan.dests if d.layer is not None} == ({0, 1}, {2, 3})[plan.layout.gen_coord(plan.rank).pp]
 
 
 @rank_check
