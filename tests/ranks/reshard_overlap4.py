@@ -34,10 +34,10 @@ def _run(plan, grid, sources, **options):
     return resharder, resharder.run(), dests
 
 
-def _compare(tp, pp, gen_tp, *, bucket_bytes=4_000, min_gathers=0, min_exchanges=2, **options):
+def _compare(tp, pp, gen_tp, *, gen_pp=1, bucket_bytes=4_000, min_gathers=0, min_exchanges=2, **options):
     """Serial and overlapped on one layout: bit-identical to each other and to the reference, bytes and
     calls equal to the plan, the overlapped workspace two slots. Returns the plan."""
-    layout = ParallelLayout(world=4, tp=tp, pp=pp, gen_tp=gen_tp)
+    layout = ParallelLayout(world=4, tp=tp, pp=pp, gen_tp=gen_tp, gen_pp=gen_pp)
     grid = Grid.create(layout)
     try:
         canonical = _canonical()
@@ -47,7 +47,7 @@ def _compare(tp, pp, gen_tp, *, bucket_bytes=4_000, min_gathers=0, min_exchanges
         sources = [take_shard(canonical[t.key], t.index, t.rule.index_dim) for t in plan.train]
         serial, serial_stats, serial_dests = _run(plan, grid, sources, overlap=False, **options)
         over, over_stats, over_dests = _run(plan, grid, sources, overlap=True, **options)
-        where = f"tp={tp} pp={pp} → gen tp={gen_tp}"
+        where = f"tp={tp} pp={pp} → gen tp={gen_tp} pp={gen_pp}"
         assert not serial.overlap and over.overlap and over_stats.overlapped, where
         for ref, a, b in zip(plan.dests, serial_dests, over_dests):
             want = take_shard(canonical[ref.key], ref.index, ref.rule.index_dim)
@@ -93,6 +93,11 @@ def data_parallel_replicas_tp1_pp2_to_gen_tp1():
 @rank_check
 def exchange_buckets_only_gen_tp_larger_than_training():
     _compare(2, 2, 4, min_exchanges=4)  # t_g > t: everything is exchanged
+
+
+@rank_check
+def generation_pipeline_stages():
+    _compare(2, 2, 1, gen_pp=2, min_exchanges=1)  # each rank writes its vLLM stage only
 
 
 @rank_check
