@@ -15,11 +15,14 @@ Memory model, per GPU, at the moment generation runs (everything below is reside
   multiple of 128·t), norms whole, the embedding on the first stage, final norm and output layer on
   the last. Tied embeddings with p > 1: megatron-core's last stage still allocates ``output_layer.weight``
   (a copy of the embedding kept equal by an all-reduce), so it is counted there.
-- Generation weights: vLLM's per-rank shard for t_g (p_g = 1): qkv with KV heads replicated when
-  t_g > kv heads, vocab padded to a multiple of 64, tied lm_head sharing the embedding. HybridFlow
-  builds the generation shard around the training shard (redundant copy 0, peak weights
-  M/(t_g·p_g)); our vLLM parameters are separate tensors, so the training shard and the generation
-  shard both live, and the training shard is the extra we pay.
+- Generation weights: vLLM's per-rank shard for t_g: qkv with KV heads replicated when t_g > kv heads,
+  vocab padded to a multiple of 64, tied lm_head sharing the embedding. With p_g stages each holds
+  what `models.layouts.vllm_stage_holds` says (L/p_g layers; the embedding on the first stage and, tied,
+  on the last too; final norm and LM head on the last), and every GPU is charged the largest stage's
+  shard: an upper bound by at most the vocab rows and a norm, since which training stage runs which
+  vLLM stage is not followed here. HybridFlow builds the generation shard around the training shard (redundant
+  copy 0, peak weights M/(t_g·p_g)); our vLLM parameters are separate tensors, so the training shard
+  and the generation shard both live, and the training shard is the extra we pay.
 - Critic (``with_critic``): the same trunk with a replicated ``[1, hidden]`` value head instead of the
   output layer, with its own gradients and optimizer states. Reference (``with_ref``): actor weights
   only. Both on the training layout of the same GPUs. Nothing is offloaded.
@@ -38,9 +41,9 @@ Memory model, per GPU, at the moment generation runs (everything below is reside
   after the actor; its peak (no vocab logits) is smaller. With vLLM sleep mode the KV cache is freed
   during training, so the two take turns: ``tokens_per_replica_if_sleeping`` drops the activations
   from the reserve.
-- KV cache per token per rank: 2 (K and V) · layers · max(1, kv_heads/t_g) · head_dim · bytes. A
-  generation replica's t_g ranks each hold every token's slice, so the rank with the least room sets
-  the tokens per replica.
+- KV cache per token per rank: 2 (K and V) · L/p_g layers · max(1, kv_heads/t_g) · head_dim · bytes (a
+  stage caches its own layers only). A generation replica's t_g·p_g ranks each hold every token's
+  slice, so the rank with the least room sets the tokens per replica.
 
 Traffic per rank for one reshard: `recv_fraction(rank)` · M with M the model's bytes in the generation
 dtype (unpadded parameters); (d_g − 1)/(t·p)·M whenever t_g | t. Ideal time = received bytes / bus
@@ -53,13 +56,15 @@ over the training replica of t·p ranks).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from fractions import Fraction
 from math import prod
 
 from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_spec import ModelSpec, check_layout
-from hybridflow_mg.models.layouts import RULES_BY_KEY, ModelDims, ParamRule, canonical_shape, check_split, rules_for
+from hybridflow_mg.models.layouts import (RULES_BY_KEY, ModelDims, ParamRule, canonical_shape, check_split, rules_for,
+                                          vllm_stage_holds)
 
 GIB = 2**30
 GB = 10**9
@@ -68,9 +73,6 @@ OVERHEAD_GIB = 2.0
 """CUDA context, cuBLAS / NCCL workspaces and allocator fragmentation: an allowance per GPU."""
 VLLM_OVERHEAD_GIB = 1.0
 """What vLLM keeps of its own budget besides weights and KV cache (its activations, sampler): an allowance."""
-GEN_PP_UNSUPPORTED = ("the in-process vLLM engine generates with pipeline size 1 only: vLLM's external_launcher "
-                      "has no pipeline-parallel output broadcast in its V2 model runner, and the resharder builds "
-                      "gen pp=1 shards")
 
 
 # --- parameter counts ------------------------------------------------------------------------------
@@ -91,9 +93,17 @@ def shard_numel(rule: ParamRule, fmt: str, dims: ModelDims, tp: int) -> int:
 
 
 def stage_numel(dims: ModelDims, fmt: str, tp: int, pp: int, stage: int) -> int:
-    """Parameters on one rank of pipeline stage ``stage`` (every TP rank of a stage holds the same)."""
+    """Parameters on one rank of pipeline stage ``stage`` (every TP rank of a stage holds the same):
+    megatron-core's stages for "mcore", vLLM's (`models.layouts.vllm_stage_holds`) for "vllm"."""
     check_split(dims, fmt, tp)
     rules = rules_for(dims)
+    if fmt == "vllm":
+        def copies(rule: ParamRule) -> int:
+            if rule.per_layer:
+                return sum(vllm_stage_holds(rule, i, dims, pp, stage) for i in range(dims.num_layers))
+            return int(vllm_stage_holds(rule, None, dims, pp, stage))
+
+        return sum(shard_numel(rule, fmt, dims, tp) * copies(rule) for rule in rules)
     per_layer = sum(shard_numel(r, fmt, dims, tp) for r in rules if r.per_layer)
     total = per_layer * (dims.num_layers // pp)
     first, last = stage == 0, stage == pp - 1
@@ -103,6 +113,23 @@ def stage_numel(dims: ModelDims, fmt: str, tp: int, pp: int, stage: int) -> int:
     if fmt == "mcore" and dims.tie_embeddings and dims.head == "lm" and pp > 1 and last:
         total += shard_numel(RULES_BY_KEY["embedding"], fmt, dims, tp)  # megatron-core's output_layer copy
     return total
+
+
+@functools.lru_cache(maxsize=None)  # plan --search asks for the same few generation layouts many times
+def gen_stage_numels(dims: ModelDims, gen_tp: int, gen_pp: int) -> tuple[int, ...]:
+    """Parameters on one rank of each of vLLM's ``gen_pp`` stages at ``gen_tp``; a rank is charged the largest."""
+    return tuple(stage_numel(dims, "vllm", gen_tp, gen_pp, s) for s in range(gen_pp))
+
+
+def check_gen_split(dims: ModelDims, gen_tp: int, gen_pp: int) -> None:
+    """One line when vLLM cannot split the model over the generation layout (heads, ffn, vocab over gen tp;
+    layers over gen pp, evenly: vLLM hands a remainder to the middle stages, which the resharder does not
+    write)."""
+    check_split(dims, "vllm", gen_tp)
+    if dims.num_layers % gen_pp:
+        fits = ", ".join(str(k) for k in range(1, dims.num_layers + 1) if dims.num_layers % k == 0)
+        raise ValueError(f"generation pp={gen_pp} does not divide the model's {dims.num_layers} layers (vLLM would "
+                         f"split them unevenly); choose a gen pp (--gen pp=, parallel.gen.pp) from {fits}")
 
 
 def model_numel(dims: ModelDims) -> int:
@@ -217,7 +244,7 @@ def stage_memory(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions, stag
     """Bytes per GPU on one pipeline stage: every resident component and the reserve."""
     dims = spec.dims
     actor = stage_numel(dims, "mcore", layout.tp, layout.pp, stage)
-    gen = stage_numel(dims, "vllm", layout.gen_tp, 1, 0)
+    gen = max(gen_stage_numels(dims, layout.gen_tp, layout.gen_pp))
     parts = {f"actor_{k}": v for k, v in _trained(actor, layout, opt).items()}
     parts["gen_weights"] = gen * opt.bytes_of("gen")
     numel = {"actor": actor, "gen": gen}
@@ -251,11 +278,12 @@ def stage_memory(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions, stag
             "activations": activations, "reserve": reserve, "kv_cache": kv_cache, "phases": phases}
 
 
-def kv_bytes_per_token(dims: ModelDims, gen_tp: int, kv_bytes: int) -> int:
-    """K and V of one token on one generation rank (all layers: p_g = 1); `rollout.kv_cache.bytes_per_token`."""
+def kv_bytes_per_token(dims: ModelDims, gen_tp: int, gen_pp: int, kv_bytes: int) -> int:
+    """K and V of one token on one generation rank: `rollout.kv_cache.bytes_per_token` (all layers) over the
+    p_g stages, each caching its own L/p_g layers (exact: `check_gen_split` has p_g dividing L)."""
     from hybridflow_mg.rollout.kv_cache import bytes_per_token
 
-    return bytes_per_token(dims, gen_tp, kv_bytes)
+    return bytes_per_token(dims, gen_tp, kv_bytes) // gen_pp
 
 
 # --- traffic ---------------------------------------------------------------------------------------
@@ -328,16 +356,14 @@ def traffic(layout: ParallelLayout, model_bytes: int, opt: PlanOptions) -> dict:
 # --- the plan --------------------------------------------------------------------------------------
 def make_plan(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions) -> dict:
     """Everything the `plan` command reports, as one JSON-ready dict (bytes as integers)."""
-    if layout.gen_pp != 1:
-        raise ValueError(f"generation pp={layout.gen_pp}: {GEN_PP_UNSUPPORTED}; use gen pp=1")
     dims = spec.dims
     if dims.head != "lm":
         raise ValueError("the actor needs a language-model head; pass a *ForCausalLM config")
     check_layout(spec, layout.tp, layout.pp, layout.vpp)
-    check_split(dims, "vllm", layout.gen_tp)
+    check_gen_split(dims, layout.gen_tp, layout.gen_pp)
     stages = [stage_memory(spec, layout, opt, s) for s in range(layout.pp)]
     worst = min(stages, key=lambda s: s["kv_cache"])  # the rank with the least KV room sets the replica's
-    per_token = kv_bytes_per_token(dims, layout.gen_tp, opt.bytes_of("kv"))
+    per_token = kv_bytes_per_token(dims, layout.gen_tp, layout.gen_pp, opt.bytes_of("kv"))
     overhead = int(OVERHEAD_GIB * GIB) if opt.reserve_gib is None else worst["reserve"]
     sleeping = min(s["left"] for s in stages) - overhead
     numel = model_numel(dims)
@@ -386,6 +412,7 @@ def render(plan: dict) -> str:
     m, lay, opt, mem, kv, rs = (plan[k] for k in ("model", "layout", "options", "memory", "kv", "reshard"))
     t, g = lay["train"], lay["gen"]
     vpp = f",vpp={t['vpp']}" if t["vpp"] > 1 else ""
+    gen_pp = f",pp={g['pp']}" if g["pp"] > 1 else ""
     dp, pdt, gdt = t["dp"], opt["params_dtype"], opt["gen_dtype"]
     ties = ("tied" if m["tied"] else "untied") + (", qkv biases" if m["qkv_bias"] else "")
     by_stage = ", ".join(f"{s['params']['actor']:,}" for s in plan["stages"])
@@ -393,7 +420,7 @@ def render(plan: dict) -> str:
         f"model   {m['family']}: {m['params'] / 1e9:.2f} B parameters ({m['params']:,}); {m['layers']} layers, hidden "
         f"{m['hidden']}, {m['heads']} heads / {m['kv_heads']} KV heads × {m['head_dim']}, ffn {m['ffn']}, "
         f"vocab {m['vocab']}, {ties}",
-        f"layout  world={lay['world']} train tp={t['tp']},pp={t['pp']},dp={dp}{vpp} → gen tp={g['tp']} "
+        f"layout  world={lay['world']} train tp={t['tp']},pp={t['pp']},dp={dp}{vpp} → gen tp={g['tp']}{gen_pp} "
         f"(d_g={g['micro_dp']}, {g['replicas']} generation replicas)",
         "",
         f"memory per GPU, GiB — worst rank: pipeline stage {mem['stage']} of {t['pp']} "
@@ -404,7 +431,8 @@ def render(plan: dict) -> str:
     notes = {"actor_weights": f"{mem['params']['actor']:,} params × {pdt}",
              "actor_grads": f"{opt['grad_dtype']}" + (" (grad_reduce_in_fp32)" if opt["grad_dtype"] == "fp32" else ""),
              "actor_optimizer": f"Adam: fp32 master + 2 moments, {states}",
-             "gen_weights": f"vLLM shard tp={g['tp']}: {mem['params']['gen']:,} params × {gdt}",
+             "gen_weights": f"vLLM shard tp={g['tp']}{gen_pp}: {mem['params']['gen']:,} params × {gdt}"
+                            + (" (the largest stage)" if g["pp"] > 1 else ""),
              "ref_weights": f"weights only, {pdt}",
              "critic_weights": f"{mem['params'].get('critic', 0):,} params (trunk + value head) × {pdt}",
              "critic_grads": opt["grad_dtype"], "critic_optimizer": states}
@@ -422,7 +450,7 @@ def render(plan: dict) -> str:
                      f"1F1B) + {OVERHEAD_GIB:.2f} overhead")
     kv_heads = max(1, m["kv_heads"] // g["tp"])
     lines.append(f"  {'KV cache':<20}{_gib(mem['kv_cache'])}   → {kv['tokens_per_replica']:,} tokens per generation "
-                 f"replica ({kv['bytes_per_token_per_rank']:,} B per token per rank = 2·{m['layers']} layers·"
+                 f"replica ({kv['bytes_per_token_per_rank']:,} B per token per rank = 2·{m['layers'] // g['pp']} layers·"
                  f"{kv_heads} KV head{'s' if kv_heads > 1 else ''}·{m['head_dim']}·{DTYPE_BYTES[opt['kv_dtype']]} B)")
     lines.append(f"  {'':<20}{'':8}   with vLLM sleep mode freeing the KV cache during training: "
                  f"{kv['tokens_per_replica_if_sleeping']:,} tokens")

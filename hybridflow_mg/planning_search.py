@@ -11,7 +11,7 @@ layout is excluded, with its reason, when
 - the model does not split so (heads, KV heads, ffn, vocab over t or t_g; layers over p·vpp);
 - t or t_g is wider than a node (``gpus_per_node``): tensor parallelism all-reduces twice per layer and
   is run over NVLink only;
-- p_g > 1: `planning.GEN_PP_UNSUPPORTED` (enumerated so that the reason is shown, never runnable);
+- p_g > 1: runnable, but the decode term below does not model pipeline stages yet;
 - the prompts do not split over d with one per mini-batch (`trainer.config.check_batch_split`'s rule);
 - it does not fit: a training / switch peak above the GPU, or a KV cache below one sequence (`make_plan`).
 
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from hybridflow_mg.models.hf_spec import ModelSpec, check_layout
 from hybridflow_mg.models.layouts import check_split
 from hybridflow_mg.parallel.layout import ParallelLayout
-from hybridflow_mg.planning import GB, GEN_PP_UNSUPPORTED, GIB, PlanOptions, critic_dims, make_plan, model_numel
+from hybridflow_mg.planning import GB, GIB, PlanOptions, critic_dims, make_plan, model_numel
 
 REASONS = {
     "split": "the model does not split so",
@@ -157,7 +157,7 @@ def _structural(spec: ModelSpec, c: Candidate, opt: PlanOptions, search: SearchO
     if max(c.tp, c.gen_tp) > node:
         return "node", f"tp={c.tp}, gen tp={c.gen_tp}: a TP group wider than a node of {node} GPUs"
     if c.gen_pp > 1:
-        return "gen_pp", GEN_PP_UNSUPPORTED
+        return "gen_pp", "the decode term does not model generation pipeline stages yet"
     dp, prompts = search.gpus // (c.tp * c.pp), search.batch // search.samples
     if prompts % dp:
         return "batch", f"{prompts} prompts are not a multiple of dp={dp}"

@@ -94,6 +94,46 @@ def test_llama70b_memory_by_hand():
     # sequences at TP8 without sequence parallelism leave no room beside the whole training state (no sleep mode)
 
 
+def test_llama70b_generation_pp_memory_by_hand():
+    """Train TP4·PP4·DP4 → vLLM TP4·PP2 (d_g = 16/8 = 2), sleep mode and offload: the generation rank holds the
+    largest of vLLM's two stages, and its KV cache caches that stage's 40 layers only."""
+    t_g = 4
+    layer = (QKV + O + GATE_UP + DOWN) // t_g + NORMS  # 213,925,888: vLLM TP4 splits the 8 KV heads 2 per rank
+    rows = VOCAB // t_g * H  # vocab rows per rank (128256 is a multiple of 64: no padding)
+    stage0 = 40 * layer + rows  # layers 0–39 and the embedding
+    stage1 = 40 * layer + H + rows  # layers 40–79, the final norm and the LM head (untied)
+    assert (stage0, stage1) == (8_819_703_808, 8_819_712_000)
+    plan = plan_json("--hf-config", LLAMA70B, "--train", "tp=4,pp=4,dp=4", "--gen", "tp=4,pp=2", "--sleep-mode",
+                     "--offload")
+    assert plan["layout"]["gen"] == {"tp": 4, "pp": 2, "micro_dp": 2, "replicas": 8}
+    for stage in plan["stages"]:  # every training stage is charged the larger vLLM stage
+        assert stage["params"]["gen"] == stage1 and stage["bytes"]["gen_weights"] == 2 * stage1
+    # KV per token per rank: 2 (K, V) · 40 layers · 8/4 KV heads · 128 · 2 B = 40,960 (81,920 at gen pp 1)
+    assert plan["kv"]["bytes_per_token_per_rank"] == 2 * 40 * 2 * HD * 2 == 40960
+    # while generating with sleep mode and offload only the vLLM weights and the 2 GiB overhead stay beside the
+    # KV cache: 80 − 2·8,819,712,000 B (16.43 GiB) − 2 GiB = 61.57 GiB → 1,614,073 tokens per replica
+    kv_room = 80 * GIB - 2 * stage1 - 2 * GIB
+    assert plan["memory"]["kv_cache"] == kv_room and plan["kv"]["tokens_per_replica"] == kv_room // 40960 == 1_614_073
+    assert plan["reshard"]["formula_recv_fraction"] == "1/16"  # (d_g − 1)/(t·p) = 1/16, as at gen pp 1
+    text = cli("plan", "--hf-config", LLAMA70B, "--train", "tp=4,pp=4,dp=4", "--gen", "tp=4,pp=2").stdout
+    assert "→ gen tp=4,pp=2 (d_g=2, 8 generation replicas)" in text
+    assert f"vLLM shard tp=4,pp=2: {stage1:,} params × bf16 (the largest stage)" in text
+    assert "40,960 B per token per rank = 2·40 layers·2 KV heads·128·2 B" in text
+
+
+def test_tied_embedding_on_both_generation_stages(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(llama_config(architectures=["Qwen2ForCausalLM"], model_type="qwen2",
+                                           tie_word_embeddings=True)))
+    # 2 layers, hidden 64, vocab 250 → 256 rows (vLLM pads to 64), t_g = 2, p_g = 2: stage 0 has layer 0 and the
+    # embedding; stage 1 has layer 1, the final norm and the embedding again (the tied LM head), counted once
+    layer = ((4 + 2 * 2) * 16 * 64 + (4 + 2 * 2) * 16 + 64 * 64 + 2 * 96 * 64 + 64 * 96) // 2 + 2 * 64
+    emb = 256 // 2 * 64
+    plan = plan_json("--hf-config", cfg, "--train", "tp=2,pp=2,dp=2", "--gen", "tp=2,pp=2", "--reserve-gib", "0.5")
+    assert plan["stages"][0]["params"]["gen"] == layer + emb + 64 == 23808
+    assert plan["kv"]["bytes_per_token_per_rank"] == 2 * 1 * 1 * 16 * 2  # one layer per stage, one KV head per rank
+
+
 # --- a small Qwen2 (biases, tied embeddings) with critic and reference ---------------------------------
 def test_small_qwen2_by_hand(tmp_path):
     cfg = tmp_path / "config.json"
@@ -160,7 +200,8 @@ def test_plan_imports_no_torch():
     (("--train", "tp=8,pp=3,dp=1"), "num_layers=80 is not divisible by pp"),
     (("--train", "tp=8,pp=2"), "--train needs dp="),
     (("--train", "tp=8,pp=2,dp=4", "--gen", "tp=3"), "does not divide the training tp·pp"),
-    (("--train", "tp=8,pp=2,dp=4", "--gen", "pp=2"), "--gen pp=2: the in-process vLLM engine generates with pipeline size 1"),
+    (("--train", "tp=1,pp=1,dp=3", "--gen", "tp=1,pp=3"), "generation pp=3 does not divide the model's 80 layers "
+     "(vLLM would split them unevenly); choose a gen pp (--gen pp=, parallel.gen.pp) from 1, 2, 4, 5, 8, 10, 16"),
     (("--train", "tp=8,pp=2,dp=4", "--gen", "dp=2"), "unknown size 'dp'"),
     (("--train", "tp=8,pp=2,dp=4,ppp=1"), "did you mean 'pp'?"),
     (("--train", "tp=8,pp=2,dp=4", "--grad-dtype", "fp16"), "grad_dtype='fp16'"),

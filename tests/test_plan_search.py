@@ -147,11 +147,3 @@ def test_bad_search_input_gives_one_line(args, message):
     proc = cli("plan", "--search", *args)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
-
-
-def test_generation_pp_above_1_is_one_line_in_plan():
-    proc = cli("plan", "--hf-config", LLAMA70B, "--train", "tp=4,pp=4,dp=4", "--gen", "tp=4,pp=2")
-    assert proc.returncode == 2 and proc.stderr.strip() == (
-        "hybridflow-mg: error: --gen pp=2: the in-process vLLM engine generates with pipeline size 1 only: vLLM's "
-        "external_launcher has no pipeline-parallel output broadcast in its V2 model runner, and the resharder "
-        "builds gen pp=1 shards; drop pp from --gen")

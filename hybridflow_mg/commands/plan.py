@@ -2,6 +2,7 @@
 
     hybridflow-mg plan configs/llama3-70b-tp8pp2.yaml --gpus 64 --gpu-memory 80GB      # a training config
     hybridflow-mg plan --hf-config FILE --train tp=8,pp=2,dp=4 --gen tp=8             # a model and layouts
+    hybridflow-mg plan --hf-config FILE --train tp=4,pp=4,dp=4 --gen tp=4,pp=2        # generation pipeline stages
     hybridflow-mg plan --search --hf-config FILE --gpus 64 --gpu-memory 80GB          # rank every layout
 
 From a training config, everything is read from it: the model's HF config (`model.hf_config`, else
@@ -12,15 +13,16 @@ longest sequence (prompt + response) and the training, switch and vLLM-engine-st
 (vLLM claims its budget when the engine is built, after the training models). A plan that does not fit prints its report and exits 2 with one line.
 
 Pure arithmetic from the HF config.json (no torch, megatron-core or vLLM is imported): exact shard
-sizes per pipeline stage, actor weights / gradients / Adam states, the vLLM generation shard,
-optional critic and reference models, what is left for activations and the KV cache, and the
-bytes and ideal time of one reshard next to the DESIGN.md §2 baselines. The assumptions are listed
-in `hybridflow_mg/planning.py`.
+sizes per pipeline stage, actor weights / gradients / Adam states, the vLLM generation shard (with
+gen pp > 1 the largest of vLLM's stages, whose KV cache holds its own layers only), optional critic
+and reference models, what is left for activations and the KV cache, and the bytes and ideal time of
+one reshard next to the DESIGN.md §2 baselines. The assumptions are listed in
+`hybridflow_mg/planning.py`.
 
-With --search: every training layout (tp, pp, vpp, dp) and generation layout (tp; pp=1, the only one
-the in-process vLLM engine runs) on --gpus GPUs, those that do not fit excluded with their reason, the
-rest ranked by a modelled RL step time = reshard + training + decode, each term printed (the model and
-the sources of its constants: `hybridflow_mg/planning_search.py`). No layout fitting is one line and exit 2.
+With --search: every training layout (tp, pp, vpp, dp) and generation layout (tp, pp) on --gpus GPUs,
+those that do not fit excluded with their reason, the rest ranked by a modelled RL step time = reshard
++ training + decode, each term printed (the model and the sources of its constants:
+`hybridflow_mg/planning_search.py`). No layout fitting is one line and exit 2.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import json
 from hybridflow_mg.commands._args import parse_sizes
 from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_spec import read_hf_config, spec_from_hf
-from hybridflow_mg.planning import DTYPE_BYTES, GEN_PP_UNSUPPORTED, PlanOptions, make_plan, render
+from hybridflow_mg.planning import DTYPE_BYTES, PlanOptions, make_plan, render
 from hybridflow_mg.planning_search import SearchOptions, nothing_fits, render_search, search_layouts
 
 
@@ -42,7 +44,8 @@ def add_parser(sub) -> None:
     p.add_argument("--gpus", type=int, help="with a training config or --search: the number of GPUs (the world size)")
     p.add_argument("--hf-config", metavar="FILE", help="HF config.json (or its directory)")
     p.add_argument("--train", metavar="tp=T,pp=P,dp=D[,vpp=V]", help="training layout")
-    p.add_argument("--gen", default="", metavar="tp=TG", help="generation layout (default: tp as training; pp=1 only)")
+    p.add_argument("--gen", default="", metavar="tp=TG[,pp=PG]",
+                   help="generation layout (default: tp as training, pp=1); pp must divide the layers")
     dtypes = [d for d in DTYPE_BYTES if d != "fp8"]
     p.add_argument("--params-dtype", default="bf16", choices=dtypes, help="training weights (default bf16)")
     p.add_argument("--grad-dtype", default="fp32", choices=dtypes,
@@ -110,12 +113,11 @@ def _gib(text: str) -> float:
 def layout_from_args(train: str, gen: str) -> ParallelLayout:
     t = parse_sizes(train, ("tp", "pp", "dp", "vpp"), "--train")
     g = parse_sizes(gen, ("tp", "pp"), "--gen")
-    if g.get("pp", 1) != 1:
-        raise ValueError(f"--gen pp={g['pp']}: {GEN_PP_UNSUPPORTED}; drop pp from --gen")
     if "dp" not in t:
         raise ValueError("--train needs dp= (the data-parallel size decides the world and the optimizer shards)")
     tp, pp, dp = t.get("tp", 1), t.get("pp", 1), t["dp"]
-    return ParallelLayout.create(world=tp * pp * dp, tp=tp, pp=pp, dp=dp, vpp=t.get("vpp", 1), gen_tp=g.get("tp"))
+    return ParallelLayout.create(world=tp * pp * dp, tp=tp, pp=pp, dp=dp, vpp=t.get("vpp", 1), gen_tp=g.get("tp"),
+                                 gen_pp=g.get("pp", 1))
 
 
 def run(args) -> int:
