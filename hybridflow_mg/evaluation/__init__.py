@@ -1,0 +1,29 @@
+"""Evaluation of a policy's responses: pure metrics (`metrics.py`) that validation during training
+logs under `val/`. Imports neither torch nor Megatron."""
+from hybridflow_mg.evaluation.metrics import (
+    accuracy,
+    distinct_n,
+    maj_at_k,
+    majority_answer,
+    mean_by_group,
+    ngram_entropy,
+    pass_at_k,
+    percentile,
+    repetition_rate,
+    response_metrics,
+    truncation_rate,
+)
+
+__all__ = [
+    "accuracy",
+    "distinct_n",
+    "maj_at_k",
+    "majority_answer",
+    "mean_by_group",
+    "ngram_entropy",
+    "pass_at_k",
+    "percentile",
+    "repetition_rate",
+    "response_metrics",
+    "truncation_rate",
+]
