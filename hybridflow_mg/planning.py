@@ -298,12 +298,14 @@ def sources(layout: ParallelLayout, rank: int) -> list[int]:
     """
     (gen_tp, gen_layers) = layout.gen_shard(rank)
     replica = next(g for g in layout.model_parallel_groups if rank in g)
-    out = []
-    for peer in replica:
-        train_tp, train_layers = layout.train_shard(peer)
-        if _intersects([train_tp], [gen_tp]) and _intersects(train_layers, gen_layers):
-            out.append(peer)
-    return out
+    shards = _train_shards(layout)
+    return [peer for peer in replica
+            if _intersects([shards[peer][0]], [gen_tp]) and _intersects(shards[peer][1], gen_layers)]
+
+
+@functools.lru_cache(maxsize=8)  # `traffic` asks `sources` of every rank: each rank's shard once, not once per rank
+def _train_shards(layout: ParallelLayout) -> list:
+    return [layout.train_shard(r) for r in range(layout.world)]
 
 
 def _node_local(group: list[int], gpus_per_node: int) -> bool:
