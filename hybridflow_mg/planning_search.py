@@ -8,10 +8,9 @@ Enumeration. Training layouts (t, p, vpp, d = N/(t·p)) and generation layouts (
 dividing t·p or a multiple of it, and each nested with its training axis (`ParallelLayout`'s rule). A
 layout is excluded, with its reason, when
 
-- the model does not split so (heads, KV heads, ffn, vocab over t or t_g; layers over p·vpp);
+- the model does not split so (heads, KV heads, ffn, vocab over t or t_g; layers over p·vpp or p_g);
 - t or t_g is wider than a node (``gpus_per_node``): tensor parallelism all-reduces twice per layer and
   is run over NVLink only;
-- p_g > 1: runnable, but the decode term below does not model pipeline stages yet;
 - the prompts do not split over d with one per mini-batch (`trainer.config.check_batch_split`'s rule);
 - it does not fit: a training / switch peak above the GPU, or a KV cache below one sequence (`make_plan`).
 
@@ -38,6 +37,13 @@ constant a `SearchOptions` field (a flag of `plan`), with its source there:
   / HBM bandwidth per step, response steps per wave, ⌈sequences per replica / c⌉ waves, c = the
   sequences running at once: the fewest of those a replica is given, its KV cache holds at full length
   and vLLM's max_num_seqs. Prefill, sampling, TP all-reduces and scheduling are not charged.
+  With p_g > 1 stages, a step runs the stages one after another: vLLM's external_launcher keeps one
+  batch in flight (no second batch decoding on stage 0 while the first is on stage 1 is assumed), so a
+  step is the sum over stages s of (W_s + c · (prompt + response/2) · kv_s) / HBM, W_s the stage's
+  per-rank shard and kv_s its per-rank bytes per token (L/p_g layers): about (replica weights + KV) /
+  t_g / HBM, so a t_g·p_g replica decodes a step no faster than a t_g one. p_g buys memory (each rank
+  holds 1/p_g of the layers and their KV: more sequences at once per replica, or a layout that fits at
+  all), not latency; the stage-to-stage activation sends are not charged either.
 """
 from __future__ import annotations
 
@@ -47,14 +53,13 @@ from collections import Counter
 from dataclasses import dataclass
 
 from hybridflow_mg.models.hf_spec import ModelSpec, check_layout
-from hybridflow_mg.models.layouts import check_split
 from hybridflow_mg.parallel.layout import ParallelLayout
-from hybridflow_mg.planning import GB, GIB, PlanOptions, critic_dims, make_plan, model_numel
+from hybridflow_mg.planning import (GB, GIB, PlanOptions, check_gen_split, critic_dims, gen_stage_numels, make_plan,
+                                    model_numel)
 
 REASONS = {
     "split": "the model does not split so",
     "node": "tensor parallelism wider than a node",
-    "gen_pp": "generation pp > 1",
     "batch": "the prompts do not split over dp and the mini-batches",
     "memory": "do not fit the GPU",
 }
@@ -150,14 +155,12 @@ def _structural(spec: ModelSpec, c: Candidate, opt: PlanOptions, search: SearchO
     """(reason key, detail) for what excludes `c` before its memory is counted; None when nothing does."""
     try:
         check_layout(spec, c.tp, c.pp, c.vpp)
-        check_split(spec.dims, "vllm", c.gen_tp)
+        check_gen_split(spec.dims, c.gen_tp, c.gen_pp)
     except ValueError as e:
         return "split", str(e)
     node = opt.gpus_per_node
     if max(c.tp, c.gen_tp) > node:
         return "node", f"tp={c.tp}, gen tp={c.gen_tp}: a TP group wider than a node of {node} GPUs"
-    if c.gen_pp > 1:
-        return "gen_pp", "the decode term does not model generation pipeline stages yet"
     dp, prompts = search.gpus // (c.tp * c.pp), search.batch // search.samples
     if prompts % dp:
         return "batch", f"{prompts} prompts are not a multiple of dp={dp}"
@@ -224,11 +227,13 @@ def step_time(spec: ModelSpec, layout: ParallelLayout, plan: dict, opt: PlanOpti
     per_replica = math.ceil(search.batch / replicas)
     concurrent = min(per_replica, kv["tokens_per_replica"] // seq, search.max_num_seqs)
     waves = math.ceil(per_replica / concurrent)
-    weights = plan["memory"]["bytes"]["gen_weights"]
-    kv_read = concurrent * (prompt + response / 2) * kv["bytes_per_token_per_rank"]  # mean context while decoding
+    # the stages of a replica decode one after another (one batch in flight): a step reads every stage's shard
+    weights = sum(gen_stage_numels(dims, layout.gen_tp, layout.gen_pp)) * opt.bytes_of("gen")
+    kv_read = layout.gen_pp * concurrent * (prompt + response / 2) * kv["bytes_per_token_per_rank"]  # mean context
     step_s = (weights + kv_read) / (search.hbm_gbps * GB)
     decode = {"replicas": replicas, "per_replica": per_replica, "concurrent": concurrent, "waves": waves,
-              "weight_bytes": weights, "kv_bytes": kv_read, "step_s": step_s, "time_s": waves * response * step_s}
+              "stages": layout.gen_pp, "weight_bytes": weights, "kv_bytes": kv_read, "step_s": step_s,
+              "time_s": waves * response * step_s}
     total = reshard["time_s"] + training["time_s"] + decode["time_s"]
     return {"reshard": reshard, "training": training, "decode": decode, "total_s": total}
 
@@ -247,13 +252,15 @@ def search_layouts(spec: ModelSpec, opt: PlanOptions, search: SearchOptions) -> 
         name = c.name(search.gpus)
         why = _structural(spec, c, opt, search)
         if why is None:
-            layout = ParallelLayout.create(world=search.gpus, tp=c.tp, pp=c.pp, vpp=c.vpp, gen_tp=c.gen_tp)
+            layout = ParallelLayout.create(world=search.gpus, tp=c.tp, pp=c.pp, vpp=c.vpp, gen_tp=c.gen_tp,
+                                           gen_pp=c.gen_pp)
             plan = make_plan(spec, layout, opt)
             short = _does_not_fit(plan, opt)
             if short is None:
                 ranked.append(_row(c, name, layout, plan, step_time(spec, layout, plan, opt, search), opt))
             else:
-                excluded.append({"layout": name, "reason": "memory", "detail": short[0], "lacks_bytes": short[1]})
+                excluded.append({"layout": name, "reason": "memory", "detail": short[0], "lacks_bytes": short[1],
+                                 "gen_pp": c.gen_pp})
         else:
             excluded.append({"layout": name, "reason": why[0], "detail": why[1]})
     ranked.sort(key=lambda r: (r["total_s"], r["key"]))
@@ -270,14 +277,15 @@ def search_layouts(spec: ModelSpec, opt: PlanOptions, search: SearchOptions) -> 
 
 def _row(c: Candidate, name: str, layout: ParallelLayout, plan: dict, times: dict, opt: PlanOptions) -> dict:
     vpp = f",vpp={c.vpp}" if c.vpp > 1 else ""
-    flags = [f"--train tp={c.tp},pp={c.pp},dp={layout.dp}{vpp}", f"--gen tp={c.gen_tp}",
+    gen_pp = f",pp={c.gen_pp}" if c.gen_pp > 1 else ""
+    flags = [f"--train tp={c.tp},pp={c.pp},dp={layout.dp}{vpp}", f"--gen tp={c.gen_tp}{gen_pp}",
              f"--seq-len {opt.seq_len}", f"--micro-batch {opt.micro_batch}", f"--gpu-memory {opt.gpu_memory_gib:g}",
              "--sleep-mode" if opt.sleep_mode else "--no-sleep-mode",
              "--offload" if opt.offload_during_rollout else "--no-offload"]
     flags += [flag for flag, on in (("--with-ref", opt.with_ref), ("--with-critic", opt.with_critic)) if on]
-    return {"layout": name, "key": (c.tp, c.pp, c.vpp, c.gen_tp),
+    return {"layout": name, "key": (c.tp, c.pp, c.vpp, c.gen_tp, c.gen_pp),
             "train": {"tp": c.tp, "pp": c.pp, "vpp": c.vpp, "dp": layout.dp},
-            "gen": {"tp": c.gen_tp, "pp": 1, "micro_dp": layout.micro_dp, "replicas": layout.num_gen_replicas},
+            "gen": {"tp": c.gen_tp, "pp": c.gen_pp, "micro_dp": layout.micro_dp, "replicas": layout.num_gen_replicas},
             "peaks": plan["peaks"], "kv_tokens_per_replica": plan["kv"]["tokens_per_replica"],
             **times, "check": "plan " + " ".join(flags)}
 
@@ -305,7 +313,7 @@ def render_search(result: dict, hf_config: str) -> str:
         plural = "s" if dc["waves"] > 1 else ""
         lines.append(
             f"{i:>2}  {'tp%d pp%d%s dp%d' % (t['tp'], t['pp'], vpp, t['dp']):<24}"
-            f"{'tp%d × %d' % (g['tp'], g['replicas']):<16}{max(r['peaks'].values()) / GIB:8.1f}  "
+            f"{'tp%d%s × %d' % (g['tp'], ' pp%d' % g['pp'] if g['pp'] > 1 else '', g['replicas']):<16}{max(r['peaks'].values()) / GIB:8.1f}  "
             f"{'%.2f s %s·M %s' % (rs['time_s'], rs['recv_fraction'], link):<24}"
             f"{'%.1f s bubble %.1f%%' % (tr['time_s'], 100 * tr['bubble']):<22}"
             f"{'%.1f s %d seq × %d wave%s' % (dc['time_s'], dc['concurrent'], dc['waves'], plural):<26}"
@@ -320,17 +328,24 @@ def render_search(result: dict, hf_config: str) -> str:
         "training = FLOPs (6·W + 12·L·q·s per token trained, 2·W + 4·L·q·s per forward; Narayanan et al. 2021) "
         f"/ ({result['gpus']} GPUs · {o['peak_tflops']:g} TFLOP/s · MFU {o['mfu']:g}) · (1 + (p−1)/(m·vpp))",
         f"decode   = waves · {response} tokens · (generation weight shard + running sequences' KV) / HBM "
-        f"{o['hbm_gbps']:g} GB/s; at most {o['max_num_seqs']} sequences per replica",
+        f"{o['hbm_gbps']:g} GB/s, summed over a replica's gen pp stages (one batch in flight); at most "
+        f"{o['max_num_seqs']} sequences per replica",
         "defaults: --peak-tflops 989 (H100 SXM dense bf16, NVIDIA datasheet), --mfu 0.4 (an assumption), --hbm-gbps "
         "3350 (H100 SXM datasheet), --nvlink-gbps 370 (NVLink4 NCCL bus bandwidth), --ib-gbps 50 (one 400 Gb/s NIC)",
         "",
         f"{len(result['ranked'])} of {result['candidates']} layouts fit; excluded:"]
     for key, count in result["excluded_counts"].items():
         of_key = [e for e in result["excluded"] if e["reason"] == key]
-        example = min(of_key, key=lambda e: e["lacks_bytes"]) if key == "memory" else of_key[0]
+        example = _nearest(of_key) if key == "memory" else of_key[0]
         nearest = "the nearest, " if key == "memory" else "e.g. "
         lines.append(f"  {count:>4}  {REASONS[key]}; {nearest}{example['layout']}: {example['detail']}")
     return "\n".join(lines)
+
+
+def _nearest(tight: list[dict]) -> dict:
+    """The memory exclusion that lacks the least; among equals (a training peak is the same for every generation
+    layout) the one with the fewest generation stages."""
+    return min(tight, key=lambda e: (e["lacks_bytes"], e["gen_pp"]))
 
 
 def nothing_fits(result: dict) -> str:
@@ -342,7 +357,7 @@ def nothing_fits(result: dict) -> str:
     tight = [e for e in result["excluded"] if e["reason"] == "memory"]
     if not tight:
         return f"{where}; change --gpus, --batch, --samples or --mini-batches"
-    near = min(tight, key=lambda e: e["lacks_bytes"])
+    near = _nearest(tight)
     hint = "" if mem["sleep_mode"] and mem["offload_during_rollout"] else ", --sleep-mode --offload"
     return (f"{where}; the nearest, {near['layout']}, lacks {near['lacks_bytes'] / GIB:.1f} GiB ({near['detail']}); "
             f"use more or larger GPUs, a shorter --seq-len{hint}")

@@ -45,27 +45,41 @@ def test_ranking_by_hand(tmp_path):
     gen_bytes = {tg: 2 * (2 * vllm_layer[tg] + 2 * 256 // tg * 64 + 64) for tg in (1, 2)}  # vocab padded to 256
     assert gen_bytes == {1: 189056, 2: 94848}
 
-    def decode_s(tg):
-        running = 8 // (4 // tg)  # the batch over 4/t_g replicas, all at once (one wave)
-        kv = running * 6 * (2 * 2 * (2 // tg) * 16 * 2)
+    def decode_s(tg, pg=1):
+        running = 8 // (4 // (tg * pg))  # the batch over 4/(t_g·p_g) replicas, all at once (one wave)
+        # a step reads every stage's shard (untied: the stages' shards add up to the p_g = 1 shard) and every
+        # stage's KV, each of its 2/p_g layers
+        kv = pg * running * 6 * (2 * (2 // pg) * (2 // tg) * 16 * 2)
         return 4 * (gen_bytes[tg] + kv) / 1e6
 
+    assert decode_s(2, 2) == pytest.approx(4 * (94848 + 2 * 8 * 6 * 64) / 1e6)  # 0.404 s against 0.392 s at p_g = 1
     model_bytes = 2 * params
-    want = [  # (train tp, pp, dp, gen tp), reshard, training, decode
+    want = [  # (train tp, pp, dp, gen tp, gen pp), reshard, training, decode
         # a TP2 replica over two TP1 training replicas: each rank holds its half already; p = 1: no bubble
-        ((1, 1, 4, 2), 0.0, compute_s, decode_s(2)),
-        ((2, 1, 2, 2), 0.0, compute_s, decode_s(2)),  # t_g = t: d_g = 1, nothing moves (a tie: smaller tp first)
-        ((1, 1, 4, 1), 0.0, compute_s, decode_s(1)),
+        ((1, 1, 4, 2, 1), 0.0, compute_s, decode_s(2)),
+        ((2, 1, 2, 2, 1), 0.0, compute_s, decode_s(2)),  # t_g = t: d_g = 1, nothing moves (a tie: smaller tp first)
+        # one TP2·PP2 replica over all 4 GPUs: each rank's generation shard (half the columns of one layer) lies
+        # inside its training shard, so nothing moves; the same step time per token as TP2, twice the sequences
+        # per replica: p_g buys KV room, not speed
+        ((1, 1, 4, 2, 2), 0.0, compute_s, decode_s(2, 2)),
+        ((2, 1, 2, 2, 2), 0.0, compute_s, decode_s(2, 2)),
+        ((1, 1, 4, 1, 1), 0.0, compute_s, decode_s(1)),
         # d_g = 2: each rank gathers (2−1)/(2·1)·M from its TP partner, inside its node → NVLink
-        ((2, 1, 2, 1), model_bytes / 2 / 1e7, compute_s, decode_s(1)),
-        # d_g = 2: (2−1)/(2·2)·M from the other stage (ranks 0 and 2: two nodes → IB); bubble (p−1)/m = 1/8,
-        # m = 8 sequences per DP rank per mini-batch at micro-batch 1
-        ((2, 2, 1, 2), model_bytes / 4 / 1e6, compute_s * (1 + 1 / 8), decode_s(2)),
+        ((2, 1, 2, 1, 1), model_bytes / 2 / 1e7, compute_s, decode_s(1)),
+        ((1, 1, 4, 1, 2), 0.0, compute_s, decode_s(1, 2)),  # TP1·PP2 over two TP1 replicas: one layer, held
+        # TP2 → TP1·PP2: a rank generates one whole layer (1/2 of M) and trains half of each (1/4 of it held):
+        # it receives 1/4·M from its TP partner over NVLink
+        ((2, 1, 2, 1, 2), model_bytes / 4 / 1e7, compute_s, decode_s(1, 2)),
+        # bubble (p−1)/m = 1/8, m = 8 sequences per DP rank per mini-batch at micro-batch 1; t_g·p_g = t·p: d_g = 1
+        ((2, 2, 1, 2, 2), 0.0, compute_s * (1 + 1 / 8), decode_s(2, 2)),
+        # d_g = 2: (2−1)/(2·2)·M from the other stage (ranks 0 and 2: two nodes → IB)
+        ((2, 2, 1, 2, 1), model_bytes / 4 / 1e6, compute_s * (1 + 1 / 8), decode_s(2)),
     ]
-    rows = result["ranked"][:5]
-    for row, (layout, reshard, training, decode) in zip(rows, want):
+    rows = result["ranked"][:10]
+    for row, (layout, reshard, training, decode) in zip(rows, want, strict=True):
         t, g = row["train"], row["gen"]
-        assert (t["tp"], t["pp"], t["dp"], g["tp"]) == layout and t["vpp"] == 1
+        assert (t["tp"], t["pp"], t["dp"], g["tp"], g["pp"]) == layout and t["vpp"] == 1
+        assert row["decode"]["stages"] == g["pp"]
         assert row["reshard"]["time_s"] == pytest.approx(reshard)
         assert row["training"]["time_s"] == pytest.approx(training)
         assert row["decode"]["time_s"] == pytest.approx(decode) and row["decode"]["waves"] == 1
@@ -76,7 +90,10 @@ def test_ranking_by_hand(tmp_path):
     excluded = {e["layout"]: e for e in result["excluded"]}
     assert "num_kv_heads=2 is not divisible by megatron tp=4" in excluded["tp=4,pp=1,dp=1 → gen tp=4"]["detail"]
     assert excluded["tp=2,pp=2,dp=1 → gen tp=4"]["reason"] == "node"
-    assert excluded["tp=2,pp=2,dp=1 → gen tp=2,pp=2"]["reason"] == "gen_pp"
+    assert excluded["tp=1,pp=1,dp=4 → gen tp=1,pp=4"]["detail"] == (
+        "generation pp=4 does not divide the model's 2 layers (vLLM would split them unevenly); choose a gen pp "
+        "(--gen pp=, parallel.gen.pp) from 1, 2")
+    assert "gen_pp" not in result["excluded_counts"]
 
 
 # --- Llama-3-70B on 64 × 80 GB ------------------------------------------------------------------------
@@ -90,7 +107,7 @@ def test_llama70b_prints_a_ranked_top_5_with_each_term():
     assert [r.split()[0] for r in rows] == ["1", "2", "3", "4", "5"] and not lines[header + 6].strip()
     for row in rows:
         assert "·M" in row and "bubble" in row and "wave" in row and row.rstrip().endswith(" s")
-    assert "excluded:" in proc.stdout and "generation pp > 1" in proc.stdout
+    assert "excluded:" in proc.stdout and "generation pp > 1" not in proc.stdout
 
 
 def test_a_layout_that_does_not_fit_is_excluded_with_its_reason():
@@ -105,8 +122,34 @@ def test_a_layout_that_does_not_fit_is_excluded_with_its_reason():
     assert tp8["detail"] == f"training peak {plan['peaks']['training'] / GIB:.1f} GiB above 80 GiB"
     assert tp8["lacks_bytes"] == plan["peaks"]["training"] - 80 * GIB
     assert "tp=1,pp=1,dp=64 → gen tp=1" in excluded and excluded["tp=1,pp=1,dp=64 → gen tp=1"]["reason"] == "batch"
-    assert all(r["gen"]["pp"] == 1 for r in result["ranked"])
-    assert result["excluded_counts"]["gen_pp"] > 0
+
+
+def test_llama70b_generation_pp_2_is_ranked_with_its_terms():
+    """TP8·PP2·DP4 → vLLM TP8·PP2: t_g·p_g = t·p, so every rank's generation shard is its training shard (nothing
+    moves); the decode term reads both stages one after another."""
+    H, HEADS, KV, HD, FFN, VOCAB = 8192, 64, 8, 128, 28672, 128256
+    layer = ((HEADS + 2 * KV) * HD * H + H * H + 3 * FFN * H) // 8 + 2 * H  # vLLM TP8: one KV head per rank
+    stages = [40 * layer + VOCAB // 8 * H, 40 * layer + VOCAB // 8 * H + H]  # embedding; final norm, LM head
+    result = search_json("--hf-config", LLAMA70B, "--gpus", 64, "--gpu-memory", "80GB")
+    row = next(r for r in result["ranked"] if r["layout"] == "tp=8,pp=2,dp=4 → gen tp=8,pp=2")
+    assert row["gen"] == {"tp": 8, "pp": 2, "micro_dp": 1, "replicas": 4}
+    assert row["reshard"]["recv_bytes"] == 0 and row["reshard"]["time_s"] == 0
+    # 4 replicas of 16 GPUs take 256 sequences each, all at once (max_num_seqs 256); per step, for each stage:
+    # its bf16 shard and the KV of 256 sequences at the mean context 2048 + 2048/2 = 3072 tokens,
+    # 2·40 layers·1 KV head·128·2 B = 20,480 B per token per rank
+    kv = 2 * 256 * 3072 * 20480
+    step_s = (2 * sum(stages) + kv) / 3350e9  # ≈ (17.64 GB + 32.21 GB) / 3.35 TB/s ≈ 14.9 ms
+    decode = row["decode"]
+    assert (decode["concurrent"], decode["waves"], decode["stages"]) == (256, 1, 2)
+    assert decode["weight_bytes"] == 2 * sum(stages) and decode["kv_bytes"] == pytest.approx(kv)
+    assert decode["time_s"] == pytest.approx(2048 * step_s)  # ≈ 30.5 s: slower than TP8·PP1's 20.6 s
+    assert row["total_s"] == pytest.approx(row["training"]["time_s"] + decode["time_s"])
+    best_pp1 = next(r for r in result["ranked"] if r["gen"]["pp"] == 1)
+    assert row["total_s"] > best_pp1["total_s"] and row["decode"]["time_s"] > best_pp1["decode"]["time_s"]
+    # the row's command replays through plain plan
+    plan = json.loads(cli("plan", "--hf-config", LLAMA70B, *row["check"].split()[1:], "--json").stdout)
+    assert "--gen tp=8,pp=2" in row["check"] and plan["fits"] and plan["peaks"] == row["peaks"]
+    assert plan["kv"]["bytes_per_token_per_rank"] == 20480
 
 
 def test_the_top_row_is_what_plan_says_for_its_layout():
