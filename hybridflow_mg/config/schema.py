@@ -12,6 +12,9 @@ from typing import Literal
 
 MAX_SEED = 2**63
 
+DEFAULT_LOGGERS = ("jsonl", "console", "tensorboard")
+"""`run.loggers` left out: metrics.jsonl, a console line per step and TensorBoard (when installed)."""
+
 
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -79,6 +82,24 @@ class DistConfig:
 
 
 @dataclass(kw_only=True)
+class WandbConfig:
+    """The `wandb` logger (used when `run.loggers` names it; needs `pip install wandb`)."""
+
+    project: str = "hybridflow_mg"
+    """W&B project; the run is named and grouped by `run.name`."""
+    entity: str | None = None
+    """W&B team or user; left out, the account's default (online) or none (offline)."""
+    mode: Literal["offline", "online", "disabled"] | None = None
+    """Left out: the `WANDB_MODE` environment variable, else offline (the run is written under
+    `<run dir>/wandb/`; `wandb sync` uploads it later from a machine with network)."""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.project, str) or not self.project.strip():
+            raise ValueError(f"project must name a W&B project, got {self.project!r}")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Where a run writes and how it is seeded."""
 
@@ -96,6 +117,12 @@ class RunConfig:
     """Modules (`my_pkg.my_module`) or Python files (`path/to/file.py`, relative to the working
     directory) imported on every rank before the config is validated, so that the estimators, losses
     and rewards they register can be named in YAML and in overrides."""
+    loggers: list[str] = field(default_factory=lambda: list(DEFAULT_LOGGERS))
+    """Where each step's metrics go (logging rank): `jsonl` (metrics.jsonl), `console` (a line per
+    step), `tensorboard` (`tensorboard/`, when installed), `wandb` (see `wandb`), or a sink that a
+    module of `imports` registers with `@LOGGERS.register` (hybridflow_mg/metrics/sinks.py)."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Options of the `wandb` logger."""
 
     def __post_init__(self):
         if (not isinstance(self.name, str) or self.name.strip() in ("", ".") or self.name.startswith("/")
@@ -105,6 +132,25 @@ class RunConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"seed must be an integer in [0, 2**63) (torch's generators take at most 64 bits, and "
                              f"megatron-core adds offsets), got {self.seed!r}")
+        _check_loggers(self.loggers)
+
+
+def _check_loggers(names: list[str]) -> None:
+    """Each name registered (after `run.imports`), none twice, and each sink able to run here (wandb
+    installed): one line naming the key, before anything starts."""
+    from hybridflow_mg.metrics.sinks import LOGGERS  # lazy: the config layer sits below metrics
+
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"loggers must be a list of logger names, e.g. [jsonl, console], got {names!r}")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ValueError(f"loggers names {name!r} twice")
+        try:
+            sink = LOGGERS.get(name)
+            if hasattr(sink, "check"):  # a plain factory function has none
+                sink.check()
+        except ValueError as e:
+            raise ValueError(f"loggers[{i}]: {e}") from None
 
 
 @dataclass(kw_only=True)

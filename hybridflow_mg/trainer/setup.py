@@ -109,6 +109,7 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     grid = Grid.create(layout, device, seed=cfg.run.seed, timeout_minutes=cfg.dist.timeout_minutes)
     out = run_dir(cfg)
     tracker = Tracker(out if grid.is_logging_rank else None, resume_step=marker["step"] if marker else None,
+                      loggers=cfg.run.loggers, config=cfg,
                       console_keys=("reward_mean", "val_reward", "response_len", "kl", "pg_loss", "grad_norm",
                                     "rollout_logprob_diff", "seconds"))
     if grid.is_logging_rank:

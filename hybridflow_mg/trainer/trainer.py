@@ -196,7 +196,8 @@ class Trainer:
                 print("\nmean reward per step:\n" + run.tracker.curve("reward_mean"))
                 if any("val_reward" in r for r in run.tracker.history):
                     print("\nvalidation reward (greedy):\n" + run.tracker.curve("val_reward"))
-                print(f"\nmetrics: {run.run_dir / 'metrics.jsonl'}")
+                if "jsonl" in cfg.run.loggers:
+                    print(f"\nmetrics: {run.run_dir / 'metrics.jsonl'}")
             self._call("on_train_end", self)
         self.close()
         return self.metrics
