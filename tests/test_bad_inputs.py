@@ -166,6 +166,7 @@ CASES = {
                                             "--n 2 with greedy decoding gives 2 identical"),
     "--max-model-len 0": (generate(GOOD, flags=("--max-model-len", 0)), "--max-model-len must be at least 1, got 0"),
     "--nproc 0": (generate(GOOD, flags=("--nproc", 0)), "--nproc must be at least 1, got 0"),
+    "--gen pp not dividing the layers": (generate(GOOD, flags=("--gen", "pp=3")), "--gen pp=3 does not divide the 2 layers"),
     "--nproc=2 with a bad prompt": (generate(ids(VOCAB), flags=("--nproc=2",)), "p.jsonl:1: token id 250"),
     "--nproc 3 with tp=2": (generate(GOOD, flags=("--nproc", 3, "--train", "tp=2,pp=1")), "does not divide the world of 3"),
     "generate --hf a file": (lambda w, d: ["generate", "--hf", w.model / "model.safetensors", "--prompts",

@@ -89,6 +89,7 @@ def test_the_kv_cache_check_counts_bytes_per_token_and_names_the_options_given()
     assert kv_cache.bytes_per_token(dims, 1, 4) == 46080
     assert kv_cache.bytes_per_token(dims, 3, 4) == 46080 // 3
     assert kv_cache.bytes_per_token(dims, 9, 2) == 2 * 30 * 1 * 64 * 2  # KV heads replicated past gen_tp = 3
+    assert kv_cache.bytes_per_token(dims, 1, 4, gen_pp=3) == 2 * 10 * 3 * 64 * 4  # a stage caches its 10 layers
     assert kv_cache.element_bytes("auto", {"torch_dtype": "bfloat16"}) == 2
     kv_cache.check_fits(5000, 256 << 20, dims=dims, gen_tp=1, element=4)  # 230 MB fits 256 MiB
     with pytest.raises(ValueError, match=r"^rollout.max_model_len=8192 tokens need 360 MiB of KV cache per rank "

@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="HF model → Megatron layout → reshard → vLLM generate", description=__doc__)
     p.add_argument("--hf", required=True, help="HF model directory")
     p.add_argument("--train", default="tp=1,pp=1", metavar="tp=T,pp=P")
-    p.add_argument("--gen", default="", metavar="tp=TG", help="generation tp (default: training tp)")
+    p.add_argument("--gen", default="", metavar="tp=TG[,pp=PG]",
+                   help="generation tp (default: training tp) and pipeline stages (default 1)")
     p.add_argument("--nproc", type=int, default=None, help="start this many local processes (parallel/local_launch.py)")
     p.add_argument("--prompts", required=True,
                    help='JSON lines: {"prompt_ids": [ids]} or {"prompt": "text"} (text needs a tokenizer in --hf)')
@@ -152,7 +153,7 @@ class GenerateInputs:
     hf_config: dict
     spec: ModelSpec
     train: dict[str, int]  # {"tp": T, "pp": P} as given to --train
-    gen: dict[str, int]  # {"tp": TG} or {} (the training tp)
+    gen: dict[str, int]  # {"tp": TG, "pp": PG}, either left out (the training tp; one stage)
     prompts: list[list[int]]
     max_model_len: int  # --max-model-len, or the longest prompt + --max-tokens
     num_decodable_ids: int | None = None  # the size of --hf's tokenizer, when it has one: ids past it are never sampled
@@ -186,14 +187,17 @@ def check_inputs(args) -> GenerateInputs:
         if not os.path.isdir(folder):
             raise ValueError(f"--out {args.out!r}: folder {folder!r} does not exist; create it or choose another path")
     t = parse_sizes(args.train, ("tp", "pp"), "--train")
-    g = parse_sizes(args.gen, ("tp",), "--gen")
+    g = parse_sizes(args.gen, ("tp", "pp"), "--gen")
     model_dir = hf_model_dir(args.hf)
     hf_config = read_hf_config(model_dir)
     spec = spec_from_hf(hf_config)
     check_layout(spec, t.get("tp", 1), t.get("pp", 1))
+    if spec.dims.num_layers % g.get("pp", 1):
+        raise ValueError(f"--gen pp={g['pp']} does not divide the {spec.dims.num_layers} layers of {model_dir} "
+                         f"(vLLM would split them unevenly); pick a pp dividing {spec.dims.num_layers}")
     launched = discover().world_size
     ParallelLayout.create(world=args.nproc if args.nproc and launched == 1 else launched, tp=t.get("tp", 1),
-                          pp=t.get("pp", 1), gen_tp=g.get("tp"))  # the grid the workers will build
+                          pp=t.get("pp", 1), gen_tp=g.get("tp"), gen_pp=g.get("pp", 1))  # the grid the workers build
     context = spec.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > context:
         raise ValueError(f"--max-model-len {args.max_model_len} exceeds the model's context of {context} tokens "
@@ -211,18 +215,18 @@ def check_inputs(args) -> GenerateInputs:
     prompts = read_prompts(args.prompts, str(model_dir), vocab_size=spec.dims.vocab_size, context=limit,
                            max_new_tokens=args.max_tokens, context_name=limit_name)
     max_model_len = args.max_model_len or max(map(len, prompts)) + args.max_tokens
-    _check_kv_cache(args, spec, g.get("tp", t.get("tp", 1)), max_model_len)
+    _check_kv_cache(args, spec, g.get("tp", t.get("tp", 1)), g.get("pp", 1), max_model_len)
     return GenerateInputs(hf_config=hf_config, spec=spec, train=t, gen=g, prompts=prompts, max_model_len=max_model_len,
                           num_decodable_ids=tokenizer.vocab_size if tokenizer is not None else None)
 
 
-def _check_kv_cache(args, spec: ModelSpec, gen_tp: int, max_model_len: int) -> None:
+def _check_kv_cache(args, spec: ModelSpec, gen_tp: int, gen_pp: int, max_model_len: int) -> None:
     import torch
 
     from hybridflow_mg.rollout import kv_cache
 
     cache = kv_cache.cache_bytes(kv_cache_bytes(args), on_cpu=not torch.cuda.is_available())
-    kv_cache.check_fits(max_model_len, cache, dims=spec.dims, gen_tp=gen_tp,
+    kv_cache.check_fits(max_model_len, cache, dims=spec.dims, gen_tp=gen_tp, gen_pp=gen_pp,
                         element=kv_cache.element_bytes(args.dtype, spec.hf_config), names=kv_cache.GENERATE_OPTIONS)
 
 
@@ -252,7 +256,8 @@ def _generate(args, inputs: GenerateInputs) -> int:
 
     hf_config, spec, t, g, prompts = inputs.hf_config, inputs.spec, inputs.train, inputs.gen, inputs.prompts
     info, device = init_distributed()
-    layout = ParallelLayout.create(world=info.world_size, tp=t.get("tp", 1), pp=t.get("pp", 1), gen_tp=g.get("tp"))
+    layout = ParallelLayout.create(world=info.world_size, tp=t.get("tp", 1), pp=t.get("pp", 1), gen_tp=g.get("tp"),
+                                   gen_pp=g.get("pp", 1))
     grid = Grid.create(layout, device)
     chunks, built = build_model(spec, grid, role="actor", dtype=args.dtype)
     load_into_model(chunks, HFSource(args.hf, spec.dims), tp=layout.tp, tp_rank=grid.train.tp, pp=layout.pp,

@@ -7,11 +7,12 @@ an RL run needs, so the run sizes `max_model_len` from its data instead, and thi
 size against the cache before anything starts, in the words of the command that was given
 (`OptionNames`: config keys for `train`, flags for `generate`).
 
-Per rank, vLLM keeps for every layer a K and a V vector per KV head it serves:
+Per rank, vLLM keeps for every layer of its pipeline stage a K and a V vector per KV head it serves:
 
-    bytes per token = 2 · num_layers · max(1, num_kv_heads / gen_tp) · head_dim · bytes per element
+    bytes per token = 2 · (num_layers / gen_pp) · max(1, num_kv_heads / gen_tp) · head_dim · bytes per element
 
-(KV heads are replicated when gen_tp exceeds them.) Nothing here imports vLLM.
+(KV heads are replicated when gen_tp exceeds them; gen_pp divides the layers, as the run checks.)
+Nothing here imports vLLM.
 """
 from __future__ import annotations
 
@@ -62,19 +63,20 @@ def element_bytes(dtype: str, hf_config: dict) -> int:
     return DTYPE_BYTES.get(dtype, 4)
 
 
-def bytes_per_token(dims: ModelDims, gen_tp: int, element: int) -> int:
-    """KV-cache bytes one token takes on one rank of a generation TP group of `gen_tp` (formula above)."""
-    return 2 * dims.num_layers * max(1, dims.num_kv_heads // gen_tp) * dims.head_dim * element
+def bytes_per_token(dims: ModelDims, gen_tp: int, element: int, gen_pp: int = 1) -> int:
+    """KV-cache bytes one token takes on one rank of a generation TP group of `gen_tp`, in a stage of
+    `gen_pp` (formula above)."""
+    return 2 * (dims.num_layers // gen_pp) * max(1, dims.num_kv_heads // gen_tp) * dims.head_dim * element
 
 
 def check_fits(max_model_len: int, cache_bytes: int | None, *, dims: ModelDims, gen_tp: int, element: int,
-               names: OptionNames = TRAIN_OPTIONS) -> None:
+               names: OptionNames = TRAIN_OPTIONS, gen_pp: int = 1) -> None:
     """A one-line ValueError, in `names`' words, when one sequence of `max_model_len` tokens does not fit
     `cache_bytes` (None: unknown before the engine starts, e.g. on GPU, where vLLM sizes it from
     gpu_memory_utilization; nothing is checked then)."""
     if cache_bytes is None:
         return
-    per_token = bytes_per_token(dims, gen_tp, element)
+    per_token = bytes_per_token(dims, gen_tp, element, gen_pp)
     need = max_model_len * per_token
     if need > cache_bytes:
         raise ValueError(too_small(max_model_len, need, cache_bytes, per_token, names))

@@ -67,7 +67,8 @@ def check_kv_cache(cfg: TrainConfig, spec: ModelSpec) -> None:
     gen_tp = cfg.parallel.gen.tp or cfg.parallel.train.tp
     names = kv_cache.TRAIN_OPTIONS if cfg.rollout.max_model_len is not None else kv_cache.TRAIN_DERIVED_OPTIONS
     kv_cache.check_fits(engine_max_model_len(cfg, spec), cache, dims=spec.dims, gen_tp=gen_tp,
-                        element=kv_cache.element_bytes(cfg.rollout.dtype, spec.hf_config), names=names)
+                        element=kv_cache.element_bytes(cfg.rollout.dtype, spec.hf_config), names=names,
+                        gen_pp=cfg.parallel.gen.pp)
 
 
 def check_device(cfg: TrainConfig) -> None:
