@@ -287,7 +287,7 @@ def kv_bytes_per_token(dims: ModelDims, gen_tp: int, gen_pp: int, kv_bytes: int)
 
 
 # --- traffic ---------------------------------------------------------------------------------------
-def _intersects(a: list[tuple[Fraction, Fraction]], b: list[tuple[Fraction, Fraction]]) -> bool:
+def _intersects(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> bool:
     return any(min(a1, b1) > max(a0, b0) for a0, a1 in a for b0, b1 in b)
 
 
@@ -296,7 +296,7 @@ def sources(layout: ParallelLayout, rank: int) -> list[int]:
 
     When t_g | t these are its micro-DP group; otherwise the peers the resharder's exchange reads from.
     """
-    (gen_tp, gen_layers) = layout.gen_shard(rank)
+    gen_tp, gen_layers = _in_units(layout, layout.gen_shard(rank))
     replica = next(g for g in layout.model_parallel_groups if rank in g)
     shards = _train_shards(layout)
     return [peer for peer in replica
@@ -305,7 +305,21 @@ def sources(layout: ParallelLayout, rank: int) -> list[int]:
 
 @functools.lru_cache(maxsize=8)  # `traffic` asks `sources` of every rank: each rank's shard once, not once per rank
 def _train_shards(layout: ParallelLayout) -> list:
-    return [layout.train_shard(r) for r in range(layout.world)]
+    return [_in_units(layout, layout.train_shard(r)) for r in range(layout.world)]
+
+
+def _in_units(layout: ParallelLayout, shard: tuple) -> tuple:
+    """A (TP interval, layer intervals) shard with its ends as integers in units of 1/(world·vpp): every end is
+    k/t, k/t_g, k/(p·vpp) or k/p_g, all dividing world·vpp, so the comparisons stay exact and cost an int's
+    (plan --search compares millions of them; as Fractions they were most of its time)."""
+    unit = layout.world * layout.vpp
+
+    def scaled(end: Fraction) -> int:
+        assert unit % end.denominator == 0, (end, unit)
+        return end.numerator * (unit // end.denominator)
+
+    (t0, t1), layers = shard
+    return (scaled(t0), scaled(t1)), [(scaled(a), scaled(b)) for a, b in layers]
 
 
 def _node_local(group: list[int], gpus_per_node: int) -> bool:
