@@ -279,11 +279,11 @@ def stage_memory(spec: ModelSpec, layout: ParallelLayout, opt: PlanOptions, stag
 
 
 def kv_bytes_per_token(dims: ModelDims, gen_tp: int, gen_pp: int, kv_bytes: int) -> int:
-    """K and V of one token on one generation rank: `rollout.kv_cache.bytes_per_token` (all layers) over the
-    p_g stages, each caching its own L/p_g layers (exact: `check_gen_split` has p_g dividing L)."""
+    """K and V of one token on one generation rank, whose stage caches its L/p_g layers;
+    `rollout.kv_cache.bytes_per_token`."""
     from hybridflow_mg.rollout.kv_cache import bytes_per_token
 
-    return bytes_per_token(dims, gen_tp, kv_bytes) // gen_pp
+    return bytes_per_token(dims, gen_tp, kv_bytes, gen_pp)
 
 
 # --- traffic ---------------------------------------------------------------------------------------
