@@ -30,6 +30,13 @@ def test_training_run_end_to_end(tmp_path):
         assert r["rollout_logprob_diff"] < 1e-3  # vLLM and the Megatron actor agree on the sampled tokens
         assert r["reshard_collectives"] >= 1
     assert "val_reward" in rows[0] and "val_reward" in rows[1]
+    for r in rows[:2]:  # the validation metrics of one greedy sample per prompt (evaluation.response_metrics)
+        assert r["val/accuracy"] == r["val_reward"]  # exact-answer reward, format_score 0: mean reward = accuracy
+        assert r["val/accuracy/synthetic/arithmetic"] == r["val/accuracy"]  # the only data source
+        assert 1 <= r["val/response_len_mean"] <= 6 and 1 <= r["val/response_len_p95"] <= 6  # rollout.max_new_tokens
+        for key in ("val/truncation_rate", "val/distinct_1", "val/distinct_2", "val/repetition_rate"):
+            assert 0 <= r[key] <= 1, key
+        assert r["val/ngram_entropy_2"] >= 0
     assert "mean reward per step" in proc.stdout
     # the final actor: a Megatron checkpoint that exports to an HF model transformers can run
     ckpt, hf = run / "checkpoints" / "final", tmp_path / "hf"

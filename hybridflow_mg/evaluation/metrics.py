@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Hashable, Mapping, Sequence
+from typing import Hashable, Sequence
 
 CORRECT_AT = 1.0
 """A response is correct when its score is at least this: the built-in rules give 1.0 to a correct
-answer and at most `format_score` (< 1) to a wrong one (rewards/base.py)."""
+answer and at most `reward.format_score`, which must be below 1, to a wrong one (rewards/config.py)."""
 
 TRUNCATED = "length"
 """vLLM's finish reason of a sample that reached `max_new_tokens` without a stop token."""
@@ -153,7 +153,7 @@ def ngram_entropy(responses: Sequence[Sequence[Hashable]], n: int) -> float:
     """
     counts = _pooled_ngrams(responses, n, f"entropy-{n}")
     total = sum(counts.values())
-    return -sum(c / total * math.log(c / total) for c in counts.values()) if total > 0 else 0.0
+    return sum((c / total * math.log(total / c) for c in counts.values()), 0.0)  # Σ p log(1/p): never -0.0
 
 
 def repetition_rate(responses: Sequence[Sequence[Hashable]], n: int = 4) -> float:
@@ -246,9 +246,4 @@ def response_metrics(*, scores: Sequence[float], lengths: Sequence[int], finish_
     for source, value in mean_by_group(correct, [s or "unknown" for s in data_sources]).items():
         out[f"accuracy/{source}"] = value
     return out
-
-
-def prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
-    """`metrics` with every name prefixed (`val/`)."""
-    return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
 

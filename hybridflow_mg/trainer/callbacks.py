@@ -77,11 +77,36 @@ def _number(name: str, key: Any, value: Any) -> float:
 
 
 def greedy_validation(trainer: "Trainer") -> dict[str, float]:
-    """`val_reward`: the mean reward of greedy answers to the validation prompts (`data.val_files`)."""
+    """Greedy answers to the validation prompts (`data.val_files`), one per prompt, scored by the run's
+    reward: `val_reward` (their mean reward) and, under `val/`, every metric one sample per prompt
+    supports (`evaluation.response_metrics`: accuracy, response length mean and p95, truncation rate,
+    distinct-1/2, bigram entropy, seq-rep-4, accuracy per data source). The diversity metrics read
+    token ids, the stop token left out."""
+    from hybridflow_mg.evaluation import response_metrics
+    from hybridflow_mg.trainer.stages import decode_response
+
     run = trainer.run
-    total, count = 0.0, 0
+    stops = {run.tokenizer.eos_id}
+    total, scores, lengths, finish, tokens, sources = 0.0, [], [], [], [], []
     for batch in run.val_batches.epoch_batches(0):
-        answers = trainer.generate(batch.prompt_ids)
-        scores = trainer.score([a[0] for a in answers], batch.ground_truths, batch.data_sources, batch.extra_infos)
-        total, count = total + sum(scores), count + len(scores)
-    return {"val_reward": total / max(count, 1)}
+        samples = [c.samples[0] for c in trainer.sample(batch.prompt_ids)]
+        texts = [decode_response(run.tokenizer, s.token_ids) for s in samples]
+        batch_scores = trainer.score(texts, batch.ground_truths, batch.data_sources, batch.extra_infos)
+        total, scores = total + sum(batch_scores), scores + batch_scores  # val_reward summed as it always was
+        lengths += [len(s.token_ids) for s in samples]
+        finish += [s.finish_reason for s in samples]
+        tokens += [_without_stop(s, stops) for s in samples]
+        sources += batch.data_sources
+    metrics = {"val_reward": total / max(len(scores), 1)}
+    if scores:
+        metrics.update({f"val/{k}": v for k, v in response_metrics(
+            scores=scores, lengths=lengths, finish_reasons=finish, tokens=tokens, data_sources=sources).items()})
+    return metrics
+
+
+def _without_stop(sample, stops: set[int]) -> list[int]:
+    """A sample's tokens without the stop token that ended it."""
+    ids = list(sample.token_ids)
+    if sample.finish_reason == "stop" and ids and (ids[-1] in stops or ids[-1] == sample.stop_token_id):
+        ids.pop()
+    return ids

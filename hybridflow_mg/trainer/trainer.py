@@ -18,11 +18,14 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from hybridflow_mg.rewards.base import RewardFn
 from hybridflow_mg.trainer.callbacks import Callback, Evaluator, RegisteredEvaluator, greedy_validation
 from hybridflow_mg.trainer.config import TrainConfig
+
+if TYPE_CHECKING:
+    from hybridflow_mg.rollout.vllm_engine import Completion
 
 
 class Trainer:
@@ -288,7 +291,18 @@ class Trainer:
     # --- tools for evaluators ------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Any], *, n: int = 1, temperature: float = 0.0,
                  max_new_tokens: int | None = None, seed: int | None = None) -> list[list[str]]:
-        """`n` responses to each prompt from the current policy, as text (EOS removed), on every rank.
+        """`n` responses to each prompt from the current policy, as text (EOS removed), on every rank;
+        `sample` with the arguments and errors described there."""
+        from hybridflow_mg.trainer.stages import decode_response
+
+        completions = self.sample(prompts, n=n, temperature=temperature, max_new_tokens=max_new_tokens, seed=seed)
+        return [[decode_response(self.run.tokenizer, s.token_ids) for s in c.samples] for c in completions]
+
+    def sample(self, prompts: Sequence[Any], *, n: int = 1, temperature: float = 0.0,
+               max_new_tokens: int | None = None, seed: int | None = None) -> list[Completion]:
+        """`n` samples of each prompt from the current policy, on every rank: one `Completion` per prompt
+        (`rollout.vllm_engine`), whose samples hold the token ids (the stop token included), their
+        log-probs and the finish reason ("stop" or "length").
 
         A prompt is text (encoded as the training prompts are, `data.text_prompts_as_chat` included),
         a list of chat messages, or a list of token ids. Greedy by default; `max_new_tokens` defaults to
@@ -298,7 +312,6 @@ class Trainer:
         `max_new_tokens` below 1.
         """
         from hybridflow_mg.data.datasets import encode_prompt
-        from hybridflow_mg.trainer.stages import decode_response
 
         run, cfg = self.setup(), self.config
         ids = []
@@ -321,8 +334,7 @@ class Trainer:
             n=n, temperature=temperature, max_new_tokens=max_new_tokens,
             stop_token_ids=run.sampling.stop_token_ids, **({} if seed is None else {"seed": seed}))
         with self._generation_phase():
-            completions = run.hybrid.generate(ids, sampling, whole_batch=True) if ids else []
-        return [[decode_response(run.tokenizer, s.token_ids) for s in c.samples] for c in completions]
+            return run.hybrid.generate(ids, sampling, whole_batch=True) if ids else []
 
     def score(self, responses: Sequence[str], ground_truths: Sequence[Any], data_sources: Sequence[str] | None = None,
               extra_infos: Sequence[Mapping | None] | None = None) -> list[float]:

@@ -59,6 +59,11 @@ class _RemaxCheck(Callback):
         # the baseline is the score of the greedy answer to each sample's prompt: generate it independently
         trainer._vllm_step = None  # force a fresh reshard, as an evaluator between steps would get
         greedy = trainer.generate([it.prompt_ids for it in batch.items])
+        from hybridflow_mg.trainer.stages import decode_response
+
+        samples = trainer.sample([it.prompt_ids for it in batch.items])  # the same answers, with tokens and finish
+        assert [[decode_response(run.tokenizer, s.token_ids) for s in c.samples] for c in samples] == greedy
+        assert {s.finish_reason for c in samples for s in c.samples} <= {"stop", "length"}
         by_prompt = trainer.score([g[0] for g in greedy], [it.ground_truth for it in batch.items],
                                   [it.data_source for it in batch.items])
         want = torch.tensor([by_prompt[int(g)] for g in rollouts.seqs.group])
