@@ -26,6 +26,7 @@ _COMMON = [
     "transformers>=4.56,<5.20",
     "pyarrow>=14",
     "tensorboard>=2.16",
+    "tqdm>=4.66",  # progress bars of the warm start, validation and evaluation (vLLM pulls it in too)
 ]
 _MEGATRON = [
     # 0.16.1 is the newest megatron-core that installs on Python 3.11; 0.17+ need 3.12.

@@ -4,6 +4,7 @@ anything starts, and wandb in offline mode writes the run under the run director
 model: each test builds a `Tracker` as the trainer's setup does."""
 from __future__ import annotations
 
+import io
 import json
 import sys
 
@@ -91,7 +92,7 @@ def test_wandb_asked_for_but_not_installed_is_one_line_before_the_launch(tmp_pat
 
 
 def test_wandb_offline_writes_the_run_and_its_config_under_the_run_directory(tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb; launch/test.sh installs it)")
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb; launch/test.sh installs it)")
     for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_API_KEY", "WANDB_PROJECT"):
         monkeypatch.delenv(var, raising=False)  # the default must be offline, whatever this machine sets
     for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
@@ -99,6 +100,9 @@ def test_wandb_offline_writes_the_run_and_its_config_under_the_run_directory(tmp
     cfg = _config(tmp_path, "run.name=wb_run", "run.loggers=[jsonl,wandb]", "run.wandb.tags=[smoke]")
     run_dir = tmp_path / "wb_run"
     _log_steps(Tracker(run_dir, loggers=cfg.run.loggers, config=cfg))
+    # finish() hands the last records to wandb's service process, which writes them out by its teardown
+    # (at exit in a training process; a busy machine showed the file still empty right after finish).
+    wandb.teardown()
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, sorted(p.name for p in (run_dir / "wandb").iterdir())
     (records,) = runs[0].glob("run-*.wandb")  # what `wandb sync` uploads: every record of the run
@@ -110,3 +114,20 @@ def test_wandb_offline_writes_the_run_and_its_config_under_the_run_directory(tmp
     assert b"wb_run" in data and b"smoke" in data  # the run name (and group), the tags
     assert b"micro_batch_tokens" in data  # the resolved config was logged
     assert (run_dir / "metrics.jsonl").is_file()
+
+
+def test_progress_bars_draw_on_a_terminal_only(monkeypatch):
+    from hybridflow_mg.metrics.progress_bar import progress_bar, write
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, enabled, drawn in ((Terminal(), True, True), (io.StringIO(), True, False), (Terminal(), False, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        assert list(progress_bar(range(3), desc="warm start", enabled=enabled)) == [0, 1, 2]
+        assert ("warm start" in stream.getvalue()) == drawn
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    write("warm start    0/5: cross-entropy 2.0000")
+    assert out.getvalue() == "warm start    0/5: cross-entropy 2.0000\n"  # what print wrote

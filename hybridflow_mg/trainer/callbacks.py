@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from hybridflow_mg.metrics.progress_bar import progress_bar
+
 if TYPE_CHECKING:
     from hybridflow_mg.trainer.trainer import Trainer
 
 Evaluator = Callable[["Trainer"], Mapping[str, float]]
 """`evaluator(trainer) -> {metric: value}`: called at the validation cadence with the policy before that
-step's update; its metrics are logged with the step's (jsonl, tensorboard, console)."""
+step's update; its metrics are logged with the step's (every sink of `run.loggers`)."""
 
 
 class Callback:
@@ -88,7 +90,8 @@ def greedy_validation(trainer: "Trainer") -> dict[str, float]:
     run = trainer.run
     stops = {run.tokenizer.eos_id}
     total, scores, lengths, finish, tokens, sources = 0.0, [], [], [], [], []
-    for batch in run.val_batches.epoch_batches(0):
+    for batch in progress_bar(run.val_batches.epoch_batches(0), desc="validation", total=run.val_batches.num_batches,
+                              enabled=trainer.is_logging_rank, leave=False):
         samples = [c.samples[0] for c in trainer.sample(batch.prompt_ids)]
         texts = [decode_response(run.tokenizer, s.token_ids) for s in samples]
         batch_scores = trainer.score(texts, batch.ground_truths, batch.data_sources, batch.extra_infos)

@@ -273,8 +273,12 @@ class Trainer:
         return metrics
 
     def _evaluate(self, evaluators: list[RegisteredEvaluator]) -> dict[str, float]:
+        from hybridflow_mg.metrics.progress_bar import progress_bar
+
         metrics: dict[str, float] = {}
-        for e in evaluators:
+        bar = progress_bar(evaluators, desc="evaluation", enabled=self.is_logging_rank, leave=False)
+        for e in bar:
+            bar.set_postfix_str(e.name)
             for key, value in e(self).items():
                 if key in metrics:
                     raise ValueError(f"evaluator {e.name!r} returned {key!r}, which another evaluator "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+from hybridflow_mg.metrics.progress_bar import progress_bar, write
 from hybridflow_mg.rollout.hybrid_engine import dp_slice
 from hybridflow_mg.trainer.batch import Sequences
 from hybridflow_mg.trainer.roles import actor_head
@@ -37,7 +38,7 @@ def warm_start(run) -> list[float]:
         group["lr"] = cfg.lr
     losses = []
     head = actor_head(grid)
-    for step in range(cfg.steps):
+    for step in progress_bar(range(cfg.steps), desc="warm start", enabled=grid.is_logging_rank):
         batch = [pairs[i] for i in rng.sample(range(len(pairs)), cfg.batch_size)]  # same on every rank
         seqs = Sequences.build([p for p, _ in batch], [a for _, a in batch], group=list(range(len(batch))))
         num_tokens = float(seqs.response_mask.sum())
@@ -52,7 +53,7 @@ def warm_start(run) -> list[float]:
         metrics = run.actor.train(mine, loss, token_budget=run.cfg.actor.micro_batch_tokens)
         losses.append(metrics["loss"])
         if grid.is_logging_rank and (step % 25 == 0 or step == cfg.steps - 1):
-            print(f"warm start {step:4d}/{cfg.steps}: cross-entropy {metrics['loss']:.4f}", flush=True)
+            write(f"warm start {step:4d}/{cfg.steps}: cross-entropy {metrics['loss']:.4f}")
     for group, lr in zip(optimizer.param_groups, saved_lr):
         group["lr"] = lr
     return losses
