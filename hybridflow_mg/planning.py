@@ -63,8 +63,8 @@ from math import prod
 
 from hybridflow_mg.parallel.layout import ParallelLayout
 from hybridflow_mg.models.hf_spec import ModelSpec, check_layout
-from hybridflow_mg.models.layouts import (RULES_BY_KEY, ModelDims, ParamRule, canonical_shape, check_split, rules_for,
-                                          vllm_stage_holds)
+from hybridflow_mg.models.layouts import (RULES_BY_KEY, ModelDims, ParamRule, canonical_shape, check_gen_pp, check_split,
+                                          rules_for, vllm_stage_holds)
 
 GIB = 2**30
 GB = 10**9
@@ -126,10 +126,7 @@ def check_gen_split(dims: ModelDims, gen_tp: int, gen_pp: int) -> None:
     layers over gen pp, evenly: vLLM hands a remainder to the middle stages, which the resharder does not
     write)."""
     check_split(dims, "vllm", gen_tp)
-    if dims.num_layers % gen_pp:
-        fits = ", ".join(str(k) for k in range(1, dims.num_layers + 1) if dims.num_layers % k == 0)
-        raise ValueError(f"generation pp={gen_pp} does not divide the model's {dims.num_layers} layers (vLLM would "
-                         f"split them unevenly); choose a gen pp (--gen pp=, parallel.gen.pp) from {fits}")
+    check_gen_pp(dims.num_layers, gen_pp, "generation pp", " of the model (--gen pp=, parallel.gen.pp)")
 
 
 def model_numel(dims: ModelDims) -> int:

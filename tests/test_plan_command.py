@@ -200,8 +200,8 @@ def test_plan_imports_no_torch():
     (("--train", "tp=8,pp=3,dp=1"), "num_layers=80 is not divisible by pp"),
     (("--train", "tp=8,pp=2"), "--train needs dp="),
     (("--train", "tp=8,pp=2,dp=4", "--gen", "tp=3"), "does not divide the training tp·pp"),
-    (("--train", "tp=1,pp=1,dp=3", "--gen", "tp=1,pp=3"), "generation pp=3 does not divide the model's 80 layers "
-     "(vLLM would split them unevenly); choose a gen pp (--gen pp=, parallel.gen.pp) from 1, 2, 4, 5, 8, 10, 16"),
+    (("--train", "tp=1,pp=1,dp=3", "--gen", "tp=1,pp=3"), "generation pp=3 does not divide the 80 layers of the model "
+     "(--gen pp=, parallel.gen.pp) (vLLM would split them unevenly); pick one of 1, 2, 4, 5, 8, 10, 16"),
     (("--train", "tp=8,pp=2,dp=4", "--gen", "dp=2"), "unknown size 'dp'"),
     (("--train", "tp=8,pp=2,dp=4,ppp=1"), "did you mean 'pp'?"),
     (("--train", "tp=8,pp=2,dp=4", "--grad-dtype", "fp16"), "grad_dtype='fp16'"),

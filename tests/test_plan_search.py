@@ -91,8 +91,8 @@ def test_ranking_by_hand(tmp_path):
     assert "num_kv_heads=2 is not divisible by megatron tp=4" in excluded["tp=4,pp=1,dp=1 → gen tp=4"]["detail"]
     assert excluded["tp=2,pp=2,dp=1 → gen tp=4"]["reason"] == "node"
     assert excluded["tp=1,pp=1,dp=4 → gen tp=1,pp=4"]["detail"] == (
-        "generation pp=4 does not divide the model's 2 layers (vLLM would split them unevenly); choose a gen pp "
-        "(--gen pp=, parallel.gen.pp) from 1, 2")
+        "generation pp=4 does not divide the 2 layers of the model (--gen pp=, parallel.gen.pp) (vLLM would split "
+        "them unevenly); pick one of 1, 2")
     assert "gen_pp" not in result["excluded_counts"]
 
 

@@ -166,6 +166,7 @@ def check_inputs(args) -> GenerateInputs:
     from hybridflow_mg.data.tokenizer import check_fits_model, tokenizer_in
     from hybridflow_mg.models.hf_io import hf_model_dir
     from hybridflow_mg.models.hf_spec import check_layout, read_hf_config, spec_from_hf
+    from hybridflow_mg.models.layouts import check_gen_pp
     from hybridflow_mg.parallel.launch import discover
     from hybridflow_mg.parallel.layout import ParallelLayout
 
@@ -192,9 +193,7 @@ def check_inputs(args) -> GenerateInputs:
     hf_config = read_hf_config(model_dir)
     spec = spec_from_hf(hf_config)
     check_layout(spec, t.get("tp", 1), t.get("pp", 1))
-    if spec.dims.num_layers % g.get("pp", 1):
-        raise ValueError(f"--gen pp={g['pp']} does not divide the {spec.dims.num_layers} layers of {model_dir} "
-                         f"(vLLM would split them unevenly); pick a pp dividing {spec.dims.num_layers}")
+    check_gen_pp(spec.dims.num_layers, g.get("pp", 1), "--gen pp", f" of {model_dir}")
     launched = discover().world_size
     ParallelLayout.create(world=args.nproc if args.nproc and launched == 1 else launched, tp=t.get("tp", 1),
                           pp=t.get("pp", 1), gen_tp=g.get("tp"), gen_pp=g.get("pp", 1))  # the grid the workers build

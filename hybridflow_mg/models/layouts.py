@@ -189,6 +189,16 @@ def layer_location(layer: int, num_layers: int, pp: int = 1, vpp: int = 1) -> tu
     return chunk % pp, chunk // pp, local
 
 
+def check_gen_pp(num_layers: int, gen_pp: int, name: str = "gen pp", of: str = "") -> None:
+    """One line when `gen_pp` vLLM stages cannot split `num_layers` evenly (vLLM's ``get_pp_indices`` then
+    hands the remainder to the middle stages, which the resharder does not write); `name` is the option
+    the user set, `of` says whose layers (e.g. " of model.path (DIR)")."""
+    if gen_pp <= 0 or num_layers % gen_pp:
+        fits = ", ".join(str(k) for k in range(1, num_layers + 1) if num_layers % k == 0)
+        raise ValueError(f"{name}={gen_pp} does not divide the {num_layers} layers{of} (vLLM would split them "
+                         f"unevenly); pick one of {fits}")
+
+
 def vllm_stage_holds(rule: "ParamRule", layer: int | None, dims: ModelDims, gen_pp: int, stage: int) -> bool:
     """Whether vLLM's pipeline stage ``stage`` of ``gen_pp`` has a parameter for (rule, layer).
 
@@ -198,7 +208,7 @@ def vllm_stage_holds(rule: "ParamRule", layer: int | None, dims: ModelDims, gen_
     on the first stage, and on the last too when the embeddings are tied (the LM head shares it);
     ``norm`` and ``lm_head`` on the last stage.
     """
-    check_pp(dims.num_layers, gen_pp)
+    check_gen_pp(dims.num_layers, gen_pp)
     if rule.per_layer:
         return layer // (dims.num_layers // gen_pp) == stage
     if rule.key == "embedding":

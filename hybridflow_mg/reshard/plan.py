@@ -33,8 +33,8 @@ from functools import cached_property
 import torch
 
 from hybridflow_mg.parallel.layout import ParallelLayout
-from hybridflow_mg.models.layouts import (ModelDims, ParamRule, hf_names, layer_location, name, rules_for,
-                                          vllm_stage_holds)
+from hybridflow_mg.models.layouts import (ModelDims, ParamRule, check_gen_pp, hf_names, layer_location, name,
+                                          rules_for, vllm_stage_holds)
 from hybridflow_mg.models.rowmaps import index_to_runs, locate, shard_index, shard_shape
 
 FORMATS = ("vllm", "hf")
@@ -216,9 +216,7 @@ def _symmetric(dims: ModelDims, layout: ParallelLayout) -> bool:
 def plan_reshard(dims: ModelDims, layout: ParallelLayout, rank: int, *, fmt: str = "vllm", element_size: int = 2,
                  bucket_bytes: int = 256 << 20) -> RankPlan:
     """The plan of `rank`. Pure and deterministic: every rank derives the same global picture."""
-    if dims.num_layers % layout.gen_pp:
-        raise ValueError(f"gen pp={layout.gen_pp} does not divide the {dims.num_layers} layers (vLLM would split "
-                         f"them unevenly); pick a gen pp dividing {dims.num_layers}")
+    check_gen_pp(dims.num_layers, layout.gen_pp)
     replica = next(g for g in layout.model_parallel_groups if rank in g)
     micro = next(g for g in layout.micro_dp_groups if rank in g)
     train = {m: training_tensors(dims, layout, m) for m in replica}

@@ -13,7 +13,7 @@ from pathlib import Path
 from hybridflow_mg.data.datasets import PromptBatches, build_prompt_data
 from hybridflow_mg.data.tokenizer import Tokenizer, check_fits_model
 from hybridflow_mg.models.hf_spec import ModelSpec, check_layout, read_hf_config, spec_from_hf
-from hybridflow_mg.models.layouts import check_split
+from hybridflow_mg.models.layouts import check_gen_pp, check_split
 from hybridflow_mg.trainer.config import TrainConfig
 
 
@@ -128,11 +128,7 @@ def check_layouts(cfg: TrainConfig, spec: ModelSpec) -> None:
     except ValueError as e:
         raise ValueError(f"the generation tp={gen_tp} (parallel.gen.tp, else parallel.train.tp) cannot split "
                          f"model.path ({cfg.model.path}) for vLLM: {e}") from None
-    gen_pp = cfg.parallel.gen.pp
-    if spec.dims.num_layers % gen_pp:
-        raise ValueError(f"parallel.gen.pp={gen_pp} does not divide the {spec.dims.num_layers} layers of model.path "
-                         f"({cfg.model.path}); vLLM would split them unevenly: pick a gen pp dividing "
-                         f"{spec.dims.num_layers}")
+    check_gen_pp(spec.dims.num_layers, cfg.parallel.gen.pp, "parallel.gen.pp", f" of model.path ({cfg.model.path})")
 
 
 def check_stop_tokens(cfg: TrainConfig, tokenizer: Tokenizer) -> None:
