@@ -1,4 +1,5 @@
 """`hybridflow-mg bench reshard`: the per-tensor baseline, our serial and our overlapped resharder, one run.
+(`bench step`, `bench rollout` and `bench train`: see STEP_DOC below and hybridflow_mg/bench/.)
 
 Launches `torchrun --standalone --nproc-per-node N` on `benchmarks/reshard.py` (it lives in the source
 checkout), or runs it in this process when already started by a launcher (torchrun, srun, mpirun).
@@ -40,13 +41,28 @@ RESHARD_OPTIONS: tuple[tuple[str, dict], ...] = (
 )
 
 
+STEP_DOC = """`hybridflow-mg bench step|rollout|train CONFIG [key=value ...] --nproc N --steps S`: throughput of the RL step.
+
+step: S RL steps after --warmup unmeasured ones, through the Trainer as `train` runs them (a supervised
+warm start in the config runs first, unmeasured: shorten it with actor.warm_start.steps=K): seconds,
+tokens/s per rank and peak memory per stage, the actor update's model FLOPs and MFU against a GEMM of its
+shapes timed in the same run (and the datasheet peak on GPU), reshard bytes and collectives.
+rollout: generation alone (batch, lengths, tokens/s). train: the actor update alone on synthetic batches.
+One JSON per run (schema: hybridflow_mg/bench/step.py), default under benchmarks/results/.
+
+    hybridflow-mg bench step configs/quickstart.yaml --nproc 4 --steps 3 actor.warm_start.steps=20
+    hybridflow-mg bench rollout configs/quickstart.yaml --nproc 4 data.prompts_per_step=64
+    hybridflow-mg bench train configs/quickstart.yaml --nproc 4 --response-len 32
+"""
+
+
 def add_reshard_arguments(p: argparse.ArgumentParser) -> None:
     for flag, kwargs in RESHARD_OPTIONS:
         p.add_argument(flag, **kwargs)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: reshard (ours, serial and overlapped, vs the per-tensor baseline)",
+    p = sub.add_parser("bench", help="benchmarks: step, rollout, train (the RL step and its parts), reshard",
                        description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -56,6 +72,24 @@ def add_parser(sub) -> None:
     r.add_argument("--nproc", type=int, help="ranks to launch (leave out when already under a launcher)")
     add_reshard_arguments(r)
     r.set_defaults(run=run)
+    for name, help_ in (("step", "whole RL steps: seconds, tokens/s and peak memory per stage, actor-update MFU, "
+                                 "reshard bytes"),
+                        ("rollout", "generation alone at the config's layout: batch, lengths, tokens/s"),
+                        ("train", "the actor update alone on synthetic batches: tokens/s, MFU")):
+        b = benches.add_parser(name, help=help_, description=STEP_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+        b.add_argument("config", help="YAML preset, e.g. configs/quickstart.yaml")
+        b.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. actor.warm_start.steps=20")
+        b.add_argument("--nproc", type=int, help="ranks to launch (leave out when already under a launcher)")
+        b.add_argument("--steps", type=int, default=3, help="measured steps (rounds) after the warm-up; default 3")
+        b.add_argument("--warmup", type=int, default=1, help="unmeasured steps first; default 1")
+        b.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/bench_{name}_<device>_"
+                                                   "<config>_<date>.json)")
+        if name == "train":
+            b.add_argument("--prompt-len", type=int, default=16, help="prompt tokens of each synthetic sample")
+            b.add_argument("--response-len", type=int, default=None,
+                           help="response tokens of each synthetic sample (default rollout.max_new_tokens)")
+        b.add_argument("--run-root", default=None, help=argparse.SUPPRESS)  # the launcher's shared run directory
+        b.set_defaults(run=run_steps)
 
 
 def forwarded(args) -> list[str]:
@@ -124,3 +158,50 @@ def run(args) -> int:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # one compute thread per rank: ranks share the cores
     return subprocess.run(cmd, env=env).returncode
+
+
+def run_steps(args) -> int:
+    """bench step / rollout / train: launch --nproc ranks (as `train --nproc` does), or run on this rank."""
+    import tempfile
+
+    from hybridflow_mg.commands.config import layout_of
+    from hybridflow_mg.commands.train import preflight
+    from hybridflow_mg.config.load import load_config
+    from hybridflow_mg.parallel.launch import discover
+    from hybridflow_mg.trainer.config import TrainConfig, check_batch_split
+
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
+    if args.nproc is not None and args.nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
+    from hybridflow_mg.bench.step import bench_overrides
+
+    launching = bool(args.nproc) and discover().world_size == 1
+    root = args.run_root or (tempfile.mkdtemp(prefix="hybridflow_bench_") if launching else None)
+    cfg = load_config(TrainConfig, args.config, [*args.overrides, *bench_overrides(root)])
+    if launching:
+        from hybridflow_mg.parallel.local_launch import launch_local, without_nproc
+
+        check_batch_split(cfg, layout_of(cfg, args.nproc).dp)
+        preflight(cfg, launching=True)
+        try:
+            return launch_local(args.nproc, [*without_nproc(args.argv), "--run-root", root])
+        finally:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+    common = dict(steps=args.steps, warmup=args.warmup, config_path=args.config, overrides=list(args.overrides),
+                  out=args.out)
+    if args.bench == "step":
+        from hybridflow_mg.bench.step import run_step
+
+        run_step(cfg, **common)
+    elif args.bench == "rollout":
+        from hybridflow_mg.bench.parts import run_rollout
+
+        run_rollout(cfg, **common)
+    else:
+        from hybridflow_mg.bench.parts import run_train
+
+        run_train(cfg, **common, prompt_len=args.prompt_len, response_len=args.response_len)
+    return 0

@@ -16,11 +16,13 @@ from hybridflow_mg.metrics.sinks import LOGGERS, MetricSink, SinkContext, kept_r
 
 class Timer:
     """Wall-clock seconds per named stage of a step: `with timer("generate"): ...`; `on_enter(name)` is
-    called as each stage starts (the trainer records progress with it)."""
+    called as each stage starts (the trainer records progress with it), `on_exit(name)` as it ends, after
+    its time is taken (bench step reads peak memory there)."""
 
-    def __init__(self, on_enter=None):
+    def __init__(self, on_enter=None, on_exit=None):
         self.seconds: dict[str, float] = {}
         self.on_enter = on_enter
+        self.on_exit = on_exit
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -31,6 +33,8 @@ class Timer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            if self.on_exit is not None:
+                self.on_exit(name)
 
 
 class Tracker:

@@ -40,8 +40,15 @@ def rl_step(run, batch, step: int, *, evaluate: Callable[[], dict] | None = None
     reports too is a ValueError).
     """
     cfg = run.cfg
-    progress = getattr(run, "progress", None)
-    timer = Timer(on_enter=(lambda stage: progress.arrive(stage, step)) if progress is not None else None)
+    progress, probe = getattr(run, "progress", None), getattr(run, "stage_probe", None)
+
+    def entered(stage: str) -> None:
+        if progress is not None:
+            progress.arrive(stage, step)
+        if probe is not None:
+            probe.enter(stage)
+
+    timer = Timer(on_enter=entered, on_exit=probe.exit if probe is not None else None)
     start = time.perf_counter()
     evaluated: dict[str, float] = {}
     metrics: dict[str, float] = {}

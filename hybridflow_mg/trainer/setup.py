@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-
+from typing import Any
 
 from hybridflow_mg.algos import build_kl_controller
 from hybridflow_mg.data.datasets import PromptBatches
@@ -64,6 +64,9 @@ class Run:
     """That checkpoint's marker (step, layout, world, files)."""
     progress: Progress | None = None
     """Where each rank is (stage and step), to name a rank that stops making progress."""
+    stage_probe: Any = None
+    """Measurement hooks `enter(stage)` / `exit(stage)` around each stage of a step (bench step's
+    `bench.measure.StageProbe`); they must not change what the step computes."""
 
     def close(self) -> None:
         if self.progress is not None:
