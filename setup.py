@@ -27,6 +27,7 @@ _COMMON = [
     "pyarrow>=14",
     "tensorboard>=2.16",
     "tqdm>=4.66",  # progress bars of the warm start, validation and evaluation (vLLM pulls it in too)
+    "matplotlib>=3.8",  # `hybridflow-mg report`: PNG charts of runs (Agg backend, no display)
 ]
 _MEGATRON = [
     # 0.16.1 is the newest megatron-core that installs on Python 3.11; 0.17+ need 3.12.
