@@ -20,8 +20,9 @@ every rate *per rank* = the whole job's amount / world / seconds):
                max_new_tokens, ppo_epochs, idle_stages (timed, but no model: no tokens/s)}
     stages: the stage names in step order (STAGES: reshard, generate, reward, ref, old_logprobs, values,
             advantages, actor_update, critic_update; a stage the run does not have is 0 s)
-    summary and each row of rows (one per step, `warmup: true` for the unmeasured ones; summary sums
-    the measured rows):
+    summary and each row of rows (one per step, `warmup: true` for the unmeasured ones; the summary's
+    amounts (seconds, tokens, FLOPs) are sums over the measured rows and its rates are computed from
+    those sums; its memory and reshard are the largest of the measured rows, i.e. per step):
         seconds                   the step (loop.rl_step's `seconds`, rank 0)
         stage_seconds: {stage}    loop.rl_step's `time/<stage>` (rank 0)
         other_seconds             seconds − Σ stage_seconds (the untimed glue between stages)
