@@ -4,7 +4,8 @@ Reads each run's `metrics.jsonl` (what the `jsonl` sink wrote) and writes, into 
 
 * `reward.png`: training reward per step (raw, faint, and a trailing mean) and the validation curves
   (`val_reward`, `val/accuracy`);
-* `training.png`: the KL terms (`ppo_kl`, `kl`, `rollout_kl`), entropy and response length per step;
+* `training.png`: the KL terms (`ppo_kl`, `kl`, `rollout_kl`), entropy, response length and, with a critic,
+  its value loss (`vf_loss`) per step;
 * `stage_times.png`: the mean seconds of each stage per step (`time/<stage>`), stacked per run, and the
   seconds of every step;
 * `report.md`: the runs, the pictures, the mean stage times and the final metrics (last, mean of the last
@@ -60,6 +61,7 @@ TRAINING_PANELS = (
     Panel("rollout_kl", "KL to the reference (rollout_kl)", "KL (nats per token)"),
     Panel("entropy", "Policy entropy", "entropy (nats per token)"),
     Panel("response_len", "Response length (mean)", "tokens per response"),
+    Panel("vf_loss", "Critic value loss (vf_loss)", "value loss (squared error)"),
 )
 SECONDS = Panel("seconds", "Seconds per step", "seconds", best="min")
 TABLE_PANELS = (*REWARD_PANELS, *TRAINING_PANELS, SECONDS)
@@ -177,7 +179,7 @@ def _curves_figure(plt, runs: Sequence[Run], panels: Sequence[Panel], title: str
     drawn = [p for p in panels if any(r.has(p.key) for r in runs)]
     if not drawn:
         return []
-    ncols = min(len(drawn), 3)
+    ncols = 2 if len(drawn) == 4 else min(len(drawn), 3)
     nrows = math.ceil(len(drawn) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.7 * nrows + 0.6), squeeze=False,
                              layout="constrained")
