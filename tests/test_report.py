@@ -13,7 +13,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _run(path, name, estimator, rows, cut_tail=False):
     path.mkdir(parents=True)
-    (path / "config.yaml").write_text(f"run:\n  name: {name}\nalgo:\n  advantage:\n    estimator: {estimator}\n")
+    (path / "config.yaml").write_text(f"run:\n  name: {name}\nalgo:\n  advantage:\n    estimator: {estimator}\n"
+                                      "trainer:\n  total_steps: 20\n")
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if cut_tail:  # a killed run: half a row at the end
         text += '{"step": 99, "reward_m'
@@ -58,6 +59,7 @@ def test_two_runs_write_valid_pngs_and_the_final_table(tmp_path):
     for picture in ("(reward.png)", "(training.png)", "(stage_times.png)"):
         assert picture in md
     assert "| grpo_run | " in md and "| gae |" in md
+    assert "| 20 / 20 |" in md and "| 15 / 20 (not reached) |" in md  # the PPO run stopped early
     rows = {c[0].strip("`"): c[1:] for c in map(_cells, md.splitlines()) if c and c[0].startswith("`")}
     # per run: last (step), mean of the last 5, best (step)
     assert rows["reward_mean"][:3] == ["0.5 (20)", f"{sum(s / 40 for s in range(16, 21)) / 5:.4g}", "0.5 (20)"]

@@ -75,6 +75,8 @@ class Run:
     directory: Path
     rows: list[dict]
     estimator: str | None = None
+    total_steps: int | None = None
+    """`trainer.total_steps` of its config: a report of a run still going (or stopped) says how far it got."""
     notes: list[str] = field(default_factory=list)
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
@@ -112,14 +114,16 @@ def load_runs(directories: Sequence[str | Path]) -> list[Run]:
         rows = [r for r in kept_rows(path, sys.maxsize) if isinstance(r.get("step"), int)]  # a cut-off last line is dropped
         if not rows:
             raise ValueError(f"report: no metrics in {d} ({path} holds no complete row); {fix}")
-        name, estimator = d.resolve().name, None
+        name, estimator, total = d.resolve().name, None, None
         try:
             config = yaml.safe_load((d / "config.yaml").read_text()) or {}
             name = str(config.get("run", {}).get("name") or name)
             estimator = config.get("algo", {}).get("advantage", {}).get("estimator")
+            total = config.get("trainer", {}).get("total_steps")
         except (OSError, yaml.YAMLError, AttributeError):  # no or odd config: the folder names the run
             pass
-        runs.append(Run(name=name, directory=d, rows=sorted(rows, key=lambda r: r["step"]), estimator=estimator))
+        runs.append(Run(name=name, directory=d, rows=sorted(rows, key=lambda r: r["step"]), estimator=estimator,
+                        total_steps=total if isinstance(total, int) else None))
     _disambiguate(runs)
     return runs
 
@@ -344,9 +348,11 @@ def write_report(runs: Sequence[Run], out: Path, *, window: int = 10) -> list[Pa
 def _markdown(runs: Sequence[Run], drawn: set[str], has_stages: bool) -> str:
     md = [f"# Report: {' vs '.join(r.name for r in runs)}", "",
           f"Written by `hybridflow-mg report` on {datetime.date.today().isoformat()}.", "",
-          "| run | directory | advantage estimator | steps logged | last step |", "|---|---|---|---|---|"]
+          "| run | directory | advantage estimator | steps logged | last step / planned |", "|---|---|---|---|---|"]
     for r in runs:
-        md.append(f"| {r.name} | `{r.directory}` | {r.estimator or '—'} | {len(r.rows)} | {r.rows[-1]['step']} |")
+        last = r.rows[-1]["step"]
+        planned = "—" if r.total_steps is None else f"{r.total_steps}" + (" (not reached)" if last < r.total_steps else "")
+        md.append(f"| {r.name} | `{r.directory}` | {r.estimator or '—'} | {len(r.rows)} | {last} / {planned} |")
     if drawn & {p.key for p in REWARD_PANELS}:
         md += ["", "## Reward and validation", "", "![reward and validation](reward.png)"]
     if drawn & {p.key for p in TRAINING_PANELS}:
