@@ -75,3 +75,29 @@ def test_numbers_agree(report):
     measured = [r for r in report["rows"] if not r["warmup"]]
     assert close(report["summary"]["seconds"], sum(r["seconds"] for r in measured))
     assert close(report["summary"]["tokens"]["total"], sum(r["tokens"]["total"] for r in measured))
+
+
+@pytest.mark.parametrize("bench", ["rollout", "train"])
+def test_rollout_and_train_alone(bench, tmp_path):
+    out = tmp_path / f"{bench}.json"
+    extra = ["--response-len", "4"] if bench == "train" else []
+    proc = subprocess.run([sys.executable, "-m", "hybridflow_mg.cli", "bench", bench, "configs/quickstart.yaml",
+                           "--nproc", "2", "--steps", "1", "--out", str(out), *extra, *TINY], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == bench and [r["warmup"] for r in report["rows"]] == [True, False]
+    world = report["layout"]["world"]
+    for row in [report["summary"], *report["rows"]]:
+        t = row["tokens"]
+        assert close(t["total"], t["prompt"] + t["response"]) and t["response"] > 0
+        assert close(row["tokens_per_s"]["step"], t["total"] / world / row["seconds"])
+        if bench == "rollout":
+            assert close(row["tokens_per_s"]["generated"], t["response"] / world / row["seconds"])
+            assert row["samples"] == 4 * 2 * (len(report["rows"]) - 1 if row is report["summary"] else 1)
+            assert 1 <= row["lengths"]["response_max"] <= report["settings"]["max_new_tokens"]
+        else:  # 4 prompts × 2 samples × (16 + 4) tokens
+            assert t["total"] == 4 * 2 * 20 * (1 if "step" in row else report["summary"]["steps"])
+            au = row["actor_update"]
+            assert close(au["flops_per_s"], au["flops"] / world / row["seconds"])
+            assert close(row["mfu"]["vs_gemm_peak"], au["flops_per_s"] / report["peaks"]["gemm_flops_per_s"])
