@@ -141,11 +141,6 @@ def _tokenizer(model_dir: str, where: str):
                          f"tokenizer_config.json or tokenizer.model); give 'prompt_ids' instead") from None
 
 
-def _stop_ids(hf_config: dict) -> tuple[int, ...]:
-    eos = hf_config.get("eos_token_id")
-    return tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
-
-
 @dataclass(frozen=True)
 class GenerateInputs:
     """What `run` checked before any process or engine starts, handed to the generation itself."""
@@ -165,10 +160,8 @@ def check_inputs(args) -> GenerateInputs:
     `--nproc` starts workers, and each worker again on its own."""
     from hybridflow_mg.data.tokenizer import check_fits_model, tokenizer_in
     from hybridflow_mg.models.hf_io import hf_model_dir
-    from hybridflow_mg.models.hf_spec import check_layout, read_hf_config, spec_from_hf
-    from hybridflow_mg.models.layouts import check_gen_pp
-    from hybridflow_mg.parallel.launch import discover
-    from hybridflow_mg.parallel.layout import ParallelLayout
+    from hybridflow_mg.models.hf_spec import read_hf_config, spec_from_hf
+    from hybridflow_mg.rollout.standalone import check_kv_cache, check_layouts
 
     if args.nproc is not None and args.nproc < 1:
         raise ValueError(f"--nproc must be at least 1, got {args.nproc}")
@@ -192,11 +185,7 @@ def check_inputs(args) -> GenerateInputs:
     model_dir = hf_model_dir(args.hf)
     hf_config = read_hf_config(model_dir)
     spec = spec_from_hf(hf_config)
-    check_layout(spec, t.get("tp", 1), t.get("pp", 1))
-    check_gen_pp(spec.dims.num_layers, g.get("pp", 1), "--gen pp", f" of {model_dir}")
-    launched = discover().world_size
-    ParallelLayout.create(world=args.nproc if args.nproc and launched == 1 else launched, tp=t.get("tp", 1),
-                          pp=t.get("pp", 1), gen_tp=g.get("tp"), gen_pp=g.get("pp", 1))  # the grid the workers build
+    check_layouts(spec, train=t, gen=g, nproc=args.nproc, where=f" of {model_dir}")
     context = spec.max_position_embeddings
     if args.max_model_len is not None and args.max_model_len > context:
         raise ValueError(f"--max-model-len {args.max_model_len} exceeds the model's context of {context} tokens "
@@ -214,19 +203,10 @@ def check_inputs(args) -> GenerateInputs:
     prompts = read_prompts(args.prompts, str(model_dir), vocab_size=spec.dims.vocab_size, context=limit,
                            max_new_tokens=args.max_tokens, context_name=limit_name)
     max_model_len = args.max_model_len or max(map(len, prompts)) + args.max_tokens
-    _check_kv_cache(args, spec, g.get("tp", t.get("tp", 1)), g.get("pp", 1), max_model_len)
+    check_kv_cache(spec, g.get("tp", t.get("tp", 1)), g.get("pp", 1), max_model_len, kv_cache_bytes=kv_cache_bytes(args),
+                   dtype=args.dtype)
     return GenerateInputs(hf_config=hf_config, spec=spec, train=t, gen=g, prompts=prompts, max_model_len=max_model_len,
                           num_decodable_ids=tokenizer.vocab_size if tokenizer is not None else None)
-
-
-def _check_kv_cache(args, spec: ModelSpec, gen_tp: int, gen_pp: int, max_model_len: int) -> None:
-    import torch
-
-    from hybridflow_mg.rollout import kv_cache
-
-    cache = kv_cache.cache_bytes(kv_cache_bytes(args), on_cpu=not torch.cuda.is_available())
-    kv_cache.check_fits(max_model_len, cache, dims=spec.dims, gen_tp=gen_tp, gen_pp=gen_pp,
-                        element=kv_cache.element_bytes(args.dtype, spec.hf_config), names=kv_cache.GENERATE_OPTIONS)
 
 
 def run(args) -> int:
@@ -241,38 +221,21 @@ def run(args) -> int:
 
 
 def _generate(args, inputs: GenerateInputs) -> int:
-    import torch.distributed as dist
-
-    from hybridflow_mg.parallel.grid import Grid
-    from hybridflow_mg.parallel.launch import init_distributed
-    from hybridflow_mg.parallel.layout import ParallelLayout
-    from hybridflow_mg.models.build import build_model
-    from hybridflow_mg.models.hf_io import HFSource, load_into_model
     from hybridflow_mg.rollout.config import RolloutConfig
-    from hybridflow_mg.rollout.hybrid_engine import HybridEngine
-    from hybridflow_mg.rollout.kv_cache import GENERATE_OPTIONS
-    from hybridflow_mg.rollout.vllm_engine import VLLMEngine
+    from hybridflow_mg.rollout.standalone import start_policy, stop_ids
 
-    hf_config, spec, t, g, prompts = inputs.hf_config, inputs.spec, inputs.train, inputs.gen, inputs.prompts
-    info, device = init_distributed()
-    layout = ParallelLayout.create(world=info.world_size, tp=t.get("tp", 1), pp=t.get("pp", 1), gen_tp=g.get("tp"),
-                                   gen_pp=g.get("pp", 1))
-    grid = Grid.create(layout, device)
-    chunks, built = build_model(spec, grid, role="actor", dtype=args.dtype)
-    load_into_model(chunks, HFSource(args.hf, spec.dims), tp=layout.tp, tp_rank=grid.train.tp, pp=layout.pp,
-                    pp_rank=grid.train.pp)
-    kv_bytes = kv_cache_bytes(args)
-    engine = VLLMEngine(args.hf, layout, RolloutConfig(dtype=args.dtype, max_new_tokens=args.max_tokens,
-                                                       max_model_len=inputs.max_model_len,
-                                                       kv_cache_memory_bytes=kv_bytes),
-                        load_weights=False, option_names=GENERATE_OPTIONS, num_decodable_ids=inputs.num_decodable_ids)
-    hybrid = HybridEngine(grid, chunks, spec.dims, engine, naming=built.naming)
-    stats = hybrid.sync_weights()
+    policy = start_policy(args.hf, inputs.spec, args.hf, train=inputs.train, gen=inputs.gen, dtype=args.dtype,
+                          rollout=RolloutConfig(dtype=args.dtype, max_new_tokens=args.max_tokens,
+                                                max_model_len=inputs.max_model_len,
+                                                kv_cache_memory_bytes=kv_cache_bytes(args)),
+                          num_decodable_ids=inputs.num_decodable_ids)
+    engine, stats = policy.engine, policy.reshard
     sampling = engine.config.sampling(n=args.n, temperature=0.0 if args.greedy else args.temperature,
-                                      max_new_tokens=args.max_tokens, seed=args.seed, stop_token_ids=_stop_ids(hf_config))
-    with hybrid.generating():
-        completions = hybrid.generate(prompts, sampling, whole_batch=True)
-    if grid.is_logging_rank:
+                                      max_new_tokens=args.max_tokens, seed=args.seed,
+                                      stop_token_ids=stop_ids(inputs.hf_config))
+    with policy.hybrid.generating():
+        completions = policy.hybrid.generate(inputs.prompts, sampling, whole_batch=True)
+    if policy.grid.is_logging_rank:
         out = open(args.out, "w") if args.out else sys.stdout
         for c in completions:
             first = c.samples[0]
@@ -284,10 +247,8 @@ def _generate(args, inputs: GenerateInputs) -> int:
             out.write(json.dumps(row) + "\n")
         if args.out:
             out.close()
-        print(f"generated {len(completions)} prompts × {args.n} on {layout.describe()}; reshard received "
+        print(f"generated {len(completions)} prompts × {args.n} on {policy.grid.layout.describe()}; reshard received "
               f"{stats.recv_bytes / 1e6:.2f} MB per rank in {stats.collectives} collectives ({stats.seconds:.3f} s)",
               file=sys.stderr)
-    engine.shutdown()
-    grid.destroy()
-    dist.destroy_process_group()
+    policy.close()
     return 0
