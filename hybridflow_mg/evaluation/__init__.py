@@ -1,5 +1,7 @@
 """Evaluation of a policy's responses: pure metrics (`metrics.py`) that validation during training
-logs under `val/`. Imports neither torch nor Megatron."""
+logs under `val/`. Imports neither torch nor Megatron. The `eval` command's parts import their own:
+`summary.py` (samples → metrics), `answers.py` (maj@k's answers), `inputs.py` (checks before launch)
+and `run.py` (the evaluation on every rank)."""
 from hybridflow_mg.evaluation.metrics import (
     accuracy,
     distinct_n,
