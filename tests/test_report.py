@@ -39,7 +39,7 @@ def _rows(num_steps, reward, *, accuracy=True, value_loss=False):
                 row["val/accuracy"] = step / 50
         if value_loss:  # PPO with a critic
             row["time/values"] = 0.125
-            row["vf_loss"] = 2.0 / step
+            row["critic/vf_loss"] = 2.0 / step
         rows.append(row)
     return rows
 
@@ -68,7 +68,7 @@ def test_two_runs_write_valid_pngs_and_the_final_table(tmp_path):
     assert rows["val/accuracy"][:3] == ["not logged", "", ""] and rows["val/accuracy"][3] == "0.3 (15)"
     assert rows["ppo_kl"][0] == "0.2 (20)" and rows["entropy"][3] == "0.06667 (15)"
     assert rows["seconds"][2] == "1.1 (1)"
-    assert rows["vf_loss"][:3] == ["not logged", "", ""] and rows["vf_loss"][3:5] == ["0.1333 (15)", "0.1557"]
+    assert rows["critic/vf_loss"][:3] == ["not logged", "", ""] and rows["critic/vf_loss"][3:5] == ["0.1333 (15)", "0.1557"]
     assert "kl" not in rows and "rollout_kl" not in rows  # logged by no run: no row, no panel
     assert "`val/accuracy` was not logged by grpo_run: skipped for that run." in md
     assert "`kl` was logged by no run" in md
