@@ -90,6 +90,59 @@ def add_parser(sub) -> None:
                            help="response tokens of each synthetic sample (default rollout.max_new_tokens)")
         b.add_argument("--run-root", default=None, help=argparse.SUPPRESS)  # the launcher's shared run directory
         b.set_defaults(run=run_steps)
+    add_suite_parsers(benches)
+
+
+SUITE_DOC = """`hybridflow-mg bench scale|report|all`: growth exponents, charts and the whole suite.
+
+scale: reshard time and bytes against depth (--layers) and world size (--worlds; layout train tp=2,
+pp=W/2 → gen tp=1), and step time against samples per step (--prompts × rollout.n); each sweep fits
+log y = a + b·log x and prints b with its points. report: PNG charts (stage breakdown, scaling curves,
+ours next to TRL, the bucket sweep) and the table of benchmarks/results/README.md, from JSON files or
+folders (default: the newest of each benchmark in benchmarks/results/). all: step, the TRL peer,
+reshard, scale and report into one folder (settings: hybridflow_mg/bench/suite.py).
+
+    hybridflow-mg bench scale --worlds 2,4,8 --layers 8,16,32 --prompts 8,16,32
+    hybridflow-mg bench report benchmarks/results/all_cpu_2026-12-01
+    hybridflow-mg bench all --quick
+"""
+
+
+def add_suite_parsers(benches) -> None:
+    kw = dict(description=SUITE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc = benches.add_parser("scale", help="growth exponents: reshard time and bytes vs depth and world size, step "
+                                          "time vs samples per step", **kw)
+    sc.add_argument("config", nargs="?", default="configs/quickstart.yaml", help="the step sweep's config")
+    sc.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of every step run")
+    for flag, default, help_ in (("--worlds", "2,4,8", "world sizes of the reshard sweep (even)"),
+                                 ("--layers", "8,16,32", "model depths of the reshard sweep"),
+                                 ("--prompts", "8,16,32", "data.prompts_per_step of each step run")):
+        sc.add_argument(flag, default=default, help=f"{help_}; default {default}")
+    sc.add_argument("--model-mb", type=float, default=20.0, help="fp32 MB of the first depth's model; default 20")
+    sc.add_argument("--bucket-mb", type=float, default=4.0, help="resharder bucket size in MB; default 4")
+    sc.add_argument("--repeats", type=int, default=5, help="timed reshard rounds (median); default 5")
+    sc.add_argument("--nproc", type=int, default=4, help="ranks of each step run; default 4")
+    sc.add_argument("--steps", type=int, default=2, help="measured steps per step run; default 2")
+    sc.add_argument("--warmup", type=int, default=1, help="unmeasured steps first; default 1")
+    sc.add_argument("--warm-start-steps", type=int, default=0, help="actor.warm_start.steps of each step run; default 0")
+    sc.add_argument("--only", choices=("reshard", "step"), help="run one of the two sweeps")
+    sc.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_scale_<device>_<date>.json); "
+                                                "each point's JSON goes into the folder of the same name")
+    sc.set_defaults(run=run_scale)
+    rp = benches.add_parser("report", help="PNG charts and the results table of benchmark JSONs", **kw)
+    rp.add_argument("inputs", nargs="*", metavar="JSON_OR_DIR", help="benchmark JSONs or folders (default: "
+                                                                     "benchmarks/results/)")
+    rp.add_argument("--out-dir", default=None, help="charts and table.md (default reports/bench_<date>)")
+    rp.add_argument("--readme", default=None, help="README whose marked table is regenerated (default "
+                                                   "benchmarks/results/README.md)")
+    rp.add_argument("--no-readme", action="store_true", help="leave every README alone")
+    rp.set_defaults(run=run_report)
+    al = benches.add_parser("all", help="step, the TRL peer, reshard, scale and report into one results folder", **kw)
+    al.add_argument("config", nargs="?", default="configs/quickstart.yaml", help="the step's config")
+    al.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the step (and the peer)")
+    al.add_argument("--quick", action="store_true", help="small settings, under 10 minutes on an idle 2-core machine")
+    al.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results/all_<device>_<date>)")
+    al.set_defaults(run=run_all)
 
 
 def forwarded(args) -> list[str]:
@@ -205,3 +258,43 @@ def run_steps(args) -> int:
 
         run_train(cfg, **common, prompt_len=args.prompt_len, response_len=args.response_len)
     return 0
+
+
+def run_scale(args) -> int:
+    import json
+
+    from hybridflow_mg.bench.scale import ScaleSettings, run_scale as sweep, sweep_table
+    from hybridflow_mg.bench.suite import default_out_dir
+
+    settings = ScaleSettings(config=args.config, overrides=list(args.overrides),
+                             worlds=number_list(args.worlds, "--worlds", int), layers=number_list(args.layers, "--layers", int),
+                             model_mb=args.model_mb, bucket_mb=args.bucket_mb, repeats=args.repeats,
+                             prompts_per_step=number_list(args.prompts, "--prompts", int), nproc=args.nproc,
+                             steps=args.steps, warmup=args.warmup, warm_start_steps=args.warm_start_steps)
+    out = Path(args.out or default_out_dir("bench_scale").with_suffix(".json"))
+    report = sweep(settings, out.with_suffix(""), reshard=args.only != "step", step=args.only != "reshard")
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(sweep_table(report))
+    print(f"wrote {out} (points in {out.with_suffix('')})")
+    return 1 if any(r["status"] for r in report["runs"]) else 0
+
+
+def run_report(args) -> int:
+    import datetime as dt
+
+    from hybridflow_mg.bench.report import RESULTS, write_report
+
+    out_dir = Path(args.out_dir or f"reports/bench_{dt.date.today().isoformat()}")
+    readme = None if args.no_readme else Path(args.readme) if args.readme else RESULTS / "README.md"
+    files = write_report(args.inputs, out_dir, readme)
+    print(f"\nbench report: " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def run_all(args) -> int:
+    from hybridflow_mg.bench.suite import SuiteSettings, default_out_dir, run_all as suite
+
+    settings = (SuiteSettings.quick(args.config, list(args.overrides)) if args.quick
+                else SuiteSettings(config=args.config, overrides=list(args.overrides)))
+    settings.scale.config, settings.scale.overrides = args.config, list(args.overrides)
+    return suite(settings, Path(args.out_dir) if args.out_dir else default_out_dir())
