@@ -9,6 +9,7 @@ import pytest
 
 from tests.clirun import cli
 from tests.multirank import ROOT
+from tests.test_bad_inputs import no_start  # noqa: F401 (the fixture: launching fails the case)
 from tests.tiny import llama_config, save_random_hf
 
 PROBLEMS = [("12+5=", "17"), ("3+4=", "7"), ("20+2=", "22"), ("9+9=", "18")]
@@ -39,19 +40,6 @@ def world(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def no_start(monkeypatch):
-    """Starting workers or torch.distributed fails the case: every check must come before."""
-    import hybridflow_mg.parallel.launch as launch
-    import hybridflow_mg.parallel.local_launch as local_launch
-
-    def refuse(*_a, **_k):
-        raise AssertionError("started workers or torch.distributed before the inputs were checked")
-
-    monkeypatch.setattr(local_launch, "launch_local", refuse)
-    monkeypatch.setattr(launch, "init_distributed", refuse)
-
-
 def _bad(world, tmp_path, args, message):
     before = sorted(p.name for p in tmp_path.iterdir())
     proc = cli("eval", *args, "--out", tmp_path / "e.json")
@@ -62,24 +50,28 @@ def _bad(world, tmp_path, args, message):
     return lines[0]
 
 
-def test_data_without_the_prompt_column(world, tmp_path, no_start):
+@pytest.mark.usefixtures("no_start")
+def test_data_without_the_prompt_column(world, tmp_path):
     data = tmp_path / "q.jsonl"
     data.write_text(json.dumps({"question": "1+1=", "reward_model": {"ground_truth": "2"}}) + "\n")
     line = _bad(world, tmp_path, [world / "m", "--data", data], f"--data '{data}' has no column 'prompt'")
     assert "columns: question, reward_model" in line and "--prompt-key" in line
 
 
-def test_a_model_directory_that_is_neither_format(world, tmp_path, no_start):
+@pytest.mark.usefixtures("no_start")
+def test_a_model_directory_that_is_neither_format(world, tmp_path):
     (tmp_path / "notes.txt").write_text("not a model")
     line = _bad(world, tmp_path, [tmp_path, "--data", world / "val.jsonl"], f"MODEL '{tmp_path}' is neither")
     assert "config.json" in line and "hybridflow.json" in line
 
 
-def test_n_zero(world, tmp_path, no_start):
+@pytest.mark.usefixtures("no_start")
+def test_n_zero(world, tmp_path):
     _bad(world, tmp_path, [world / "m", "--data", world / "val.jsonl", "--n", "0"], "--n must be at least 1, got 0")
 
 
-def test_a_checkpoint_needing_more_processes_says_how_many(world, tmp_path, no_start):
+@pytest.mark.usefixtures("no_start")
+def test_a_checkpoint_needing_more_processes_says_how_many(world, tmp_path):
     _bad(world, tmp_path, [world / "ck", "--data", world / "val.jsonl"], "add --nproc 2")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 
 
 def parse_sizes(text: str, allowed: tuple[str, ...], flag: str) -> dict[str, int]:
@@ -20,6 +21,18 @@ def parse_sizes(text: str, allowed: tuple[str, ...], flag: str) -> dict[str, int
         except ValueError:
             raise ValueError(f"{flag}: {key}={value!r} is not an integer") from None
     return out
+
+
+def check_out_file(path: str | None, flag: str = "--out") -> None:
+    """A one-line ValueError when the file `path` cannot be written: it is a directory, or its folder
+    does not exist. None (no file asked for) passes."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path!r} is a directory; give the path of a file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path!r}: folder {folder!r} does not exist; create it or choose another path")
 
 
 def parse_bytes(text: str) -> int:

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hybridflow_mg.commands._args import parse_sizes
+from hybridflow_mg.commands._args import check_out_file, parse_sizes
 from hybridflow_mg.rollout.config import GREEDY_BELOW
 
 if TYPE_CHECKING:
@@ -174,12 +174,7 @@ def check_inputs(args) -> GenerateInputs:
     if args.n > 1 and (args.greedy or args.temperature < GREEDY_BELOW):
         raise ValueError(f"--n {args.n} with greedy decoding gives {args.n} identical samples; drop --greedy and "
                          f"sample at a --temperature > 0, or ask for --n 1")
-    if args.out is not None:
-        if os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out!r} is a directory; give the path of a file to write")
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(folder):
-            raise ValueError(f"--out {args.out!r}: folder {folder!r} does not exist; create it or choose another path")
+    check_out_file(args.out)
     t = parse_sizes(args.train, ("tp", "pp"), "--train")
     g = parse_sizes(args.gen, ("tp", "pp"), "--gen")
     model_dir = hf_model_dir(args.hf)

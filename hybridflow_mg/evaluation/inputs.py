@@ -162,7 +162,7 @@ class EvalInputs:
 
 def check_inputs(args) -> EvalInputs:
     """Every flag, the model, the reference and the data: a one-line ValueError for the first mistake."""
-    from hybridflow_mg.commands._args import parse_sizes
+    from hybridflow_mg.commands._args import check_out_file, parse_sizes
     from hybridflow_mg.evaluation.answers import rule_for
     from hybridflow_mg.parallel.launch import discover
     from hybridflow_mg.rewards import DEFAULT_BY_DATA_SOURCE, resolve
@@ -180,12 +180,7 @@ def check_inputs(args) -> EvalInputs:
     if args.n > 1 and temperature < GREEDY_BELOW:
         raise ValueError(f"--n {args.n} with greedy decoding (--temperature {temperature}) gives {args.n} identical "
                          "samples; sample at a --temperature > 0 or ask for --n 1")
-    if args.out is not None:
-        if os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out!r} is a directory; give the path of the JSON file to write")
-        folder = os.path.dirname(os.path.abspath(args.out))
-        if not os.path.isdir(folder):
-            raise ValueError(f"--out {args.out!r}: folder {folder!r} does not exist; create it or choose another path")
+    check_out_file(args.out)
     if args.reward is not None:
         resolve(args.reward)  # an unknown name or a bad path: one line
     model = resolve_model(args.model)
