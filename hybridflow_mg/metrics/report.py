@@ -187,7 +187,10 @@ def _curves_figure(plt, runs: Sequence[Run], panels: Sequence[Panel], title: str
     nrows = math.ceil(len(drawn) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.7 * nrows + 0.6), squeeze=False,
                              layout="constrained")
+    first, last = min(r.rows[0]["step"] for r in runs), max(r.rows[-1]["step"] for r in runs)
+    pad = max(0.5, 0.02 * (last - first))  # every panel spans all steps: a lone validation point stays in place
     for ax, panel in zip(axes.flat, drawn):
+        ax.set_xlim(first - pad, last + pad)
         missing = []
         for i, run in enumerate(runs):
             steps, values = run.series(panel.key)
