@@ -191,8 +191,12 @@ def reshard_figure(plt, reshard: dict, path: Path) -> bool:
         base_peak = max(mine[0]["baseline"]["peak_extra_bytes_per_rank"]) / MB
         ax.axvline(base_peak, color=COLORS[i % len(COLORS)], linestyle=":", linewidth=1,
                    label=f"baseline peak, {layers} layers")
+    from matplotlib.ticker import FuncFormatter
+
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xscale("log")
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:.0e}"[0] in "125" else ""))
     ax.set_xlabel("peak extra memory per rank (MB, log; labels: bucket size)")
     ax.set_ylabel("speed-up over the per-tensor baseline (×)")
     ax.set_title(f"bench reshard: {reshard['layout']['describe']}", fontsize=10)
@@ -228,7 +232,8 @@ def table_rows(results: dict[str, dict]) -> list[tuple[str, str, str]]:
         rows.append(("step tokens/s per rank", f"{_g(s['tokens_per_s']['step'])} (generated {_g(s['tokens_per_s']['generated'])})", f))
         per_step = _per_step(step)
         shares = ", ".join(f"{k} {100 * v / (s['seconds'] / s['steps']):.1f} %"
-                           for k, v in sorted(per_step.items(), key=lambda kv: -kv[1]))
+                           for k, v in sorted(per_step.items(), key=lambda kv: -kv[1])
+                           if v >= 5e-4 * s["seconds"] / s["steps"])  # an idle stage's timer is not a share
         rows.append(("stage shares", shares, f))
         rows.append(("actor-update MFU vs measured GEMM peak",
                      f"{_pct(s['mfu']['vs_gemm_peak'])} ({_g(s['actor_update']['flops_per_s'])} of "
