@@ -55,6 +55,7 @@ LOAD_TIME = [  # (overrides, a part of the message); quickstart: 4 ranks, tp 2, 
     ("model.synthetic.num_warm_start=10",
      "actor.warm_start.batch_size=64 is more than the model.synthetic.num_warm_start=10"),
     ("model.synthetic.max_operand=5", "distinct problems exist with max_operand=5"),
+    ("model.synthetic.seed=-1", "seed must be an integer ≥ 0, got -1"),
     ("model.vocab_divisor=0", "vocab_divisor must be an integer ≥ 1"),
     # optimizers (torch's Adam refuses what megatron-core's fused ones would silently diverge on)
     ("actor.optim.lr=nan", "lr must be a finite number > 0"),

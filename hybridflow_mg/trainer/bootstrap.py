@@ -56,7 +56,8 @@ def _synthetic(cfg, out: Path):
     syn = cfg.model.synthetic
     # one pool of distinct problems: the first num_warm_start for the warm start, the rest for RL + val
     task = make_synthetic_task(out / "data", task=syn.task, num_train=syn.num_warm_start + syn.num_train,
-                               num_val=syn.num_val, seed=cfg.run.seed, max_operand=syn.max_operand)
+                               num_val=syn.num_val, seed=cfg.run.seed if syn.seed is None else syn.seed,
+                               max_operand=syn.max_operand)
     warm, rl = task.train_examples[:syn.num_warm_start], task.train_examples[syn.num_warm_start:]
     write_parquet(to_verl_rows(warm, split="warm_start"), out / "data" / "warm_start.parquet")
     write_parquet(to_verl_rows(rl, split="train"), out / "data" / "train.parquet")

@@ -48,6 +48,10 @@ class SyntheticModelConfig:
     """Problems for the supervised warm start, disjoint from the RL and validation prompts."""
     max_operand: int = 49
     """Arithmetic operands are drawn from 0 … max_operand."""
+    seed: int | None = None
+    """Seed of the generated problems (warm start, RL, validation) and so of the tokenizer; left out, the
+    run seed (`run.seed`). `hybridflow-mg sweep` fixes it, so that runs of different seeds train and
+    validate on the same problems and differ only in initialisation, data order and sampling."""
     hidden_size: int = 128
     """Width of the tiny model (vLLM on CPU needs head_dim ≥ 64: hidden / heads)."""
     num_layers: int = 2
@@ -58,6 +62,8 @@ class SyntheticModelConfig:
         for key in ("num_train", "num_val", "max_operand", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
             _positive(key, getattr(self, key))
         _positive("num_warm_start", self.num_warm_start, allow_zero=True)
+        if self.seed is not None:
+            _positive("seed", self.seed, allow_zero=True)
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be a multiple of num_heads={self.num_heads} "
                              "(head_dim = hidden_size / num_heads)")
