@@ -14,7 +14,7 @@ import sys
 
 from hybridflow_mg import __version__
 
-COMMANDS = ("train", "generate", "eval", "config", "grid", "plan", "convert", "export", "bench", "report")
+COMMANDS = ("train", "generate", "eval", "sweep", "config", "grid", "plan", "convert", "export", "bench", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:
