@@ -351,13 +351,13 @@ def markdown(summary: Mapping[str, Any]) -> str:
     lines = [f"# Sweep of {summary['config']}: {summary['num_seeds']} seeds", "",
              f"Overrides: {' '.join(summary['overrides']) or 'none'}. Runs: "
              + ", ".join(f"`{r['run_dir']}`" for r in runs) + f"; {summary['nproc']} processes each.", "",
-             "Final validation metrics: `val_reward` and `val/...` from each run's last validation (step "
-             + ", ".join(str(r["val_step"]) for r in runs) + ", before that step's update); `eval/...` from a greedy "
-             "eval of its final checkpoint. std: sample std over seeds.", "",
+             "Final validation metrics: `val_reward` and `val/...` from each run's last validation (steps "
+             + ", ".join(str(r["val_step"]) for r in runs) + ", each before that step's update); `eval/...` from a "
+             "greedy eval of its final checkpoint. std: the sample std over seeds.", "",
              f"| metric | mean ± std | {head} |", "|---|---|" + "---|" * len(runs)]
     for key, m in summary["metrics"].items():
-        per_seed = " | ".join(f"{v:.4g}" for v in m["values"])
-        lines.append(f"| `{key}` | {m['mean']:.4g} ± {m['std']:.2g} | {per_seed} |")
+        per_seed = " | ".join(f"{v:.3g}" for v in m["values"])
+        lines.append(f"| `{key}` | {m['mean']:.3g} ± {m['std']:.2g} | {per_seed} |")
     lines += ["", f"Consistency of the greedy answers on {c['num_prompts']} validation prompts:", "",
               "| all runs agree | pairwise agreement | per-prompt reward std (mean) |", "|---|---|---|",
               f"| {c['agreement']:.3f} | {c['pairwise_agreement']:.3f} | {c['reward_std']:.3f} |", ""]
