@@ -2,7 +2,6 @@
 other. The run itself needs TRL's environment (`bash benchmarks/trl_setup.sh`) and skips with that reason
 without it. No timing is asserted: only relations between numbers of the same run."""
 import importlib.util
-import json
 import math
 
 import pytest

@@ -287,7 +287,7 @@ def run_report(args) -> int:
     out_dir = Path(args.out_dir or f"reports/bench_{dt.date.today().isoformat()}")
     readme = None if args.no_readme else Path(args.readme) if args.readme else RESULTS / "README.md"
     files = write_report(args.inputs, out_dir, readme)
-    print(f"\nbench report: " + ", ".join(str(f) for f in files))
+    print("\nbench report: " + ", ".join(str(f) for f in files))
     return 0
 
 
