@@ -237,6 +237,7 @@ def run_steps(args) -> int:
 
         check_batch_split(cfg, layout_of(cfg, args.nproc).dp)
         preflight(cfg, launching=True)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # as launch/quickstart.sh runs it: ranks share the cores
         try:
             return launch_local(args.nproc, [*without_nproc(args.argv), "--run-root", root])
         finally:
