@@ -125,6 +125,7 @@ def test_recv_fraction_is_the_brute_force_minimum(tp, pp, gen_tp, gen_pp, vpp):
         pytest.skip("a refused layout (non-nested axes)")
     total, per_rank = _brute_force_min_recv(lay)
     ours = [lay.recv_fraction(r) for r in range(lay.world)]
+    assert lay.min_recv_fraction() == max(per_rank)  # the worst-placed rank's own best, whatever vpp and p_g
     if gen_pp == 1:  # what the resharder and the engine run: every rank at its own minimum
         assert ours == per_rank
         assert set(ours) == {lay.min_recv_fraction()}

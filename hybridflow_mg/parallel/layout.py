@@ -301,12 +301,21 @@ class ParallelLayout:
         return Fraction(self.micro_dp - 1, self.tp * self.pp)
 
     def min_recv_fraction(self) -> Fraction:
-        """1/(t_g·p_g) − 1/(max(t, t_g)·max(p, p_g)): the least a rank can receive (module docstring).
+        """The least the worst-placed rank can receive, over every choice of generation shard.
 
-        With p_g = 1 every rank's `recv_fraction` equals it; it is `formula_recv_fraction` when t_g | t, p_g | p.
+        With vpp = 1 or p_g = 1 it is 1/(t_g·p_g) − 1/(max(t, t_g)·max(p, p_g)) for every rank (module
+        docstring), every rank's `recv_fraction` equals it when p_g = 1, and it is `formula_recv_fraction`
+        when t_g | t and p_g | p. With interleaved stages (vpp > 1) against several generation stages a
+        rank's chunks straddle stages and hold less: then it is computed shard by shard.
         """
-        return (Fraction(1, self.gen_tp * self.gen_pp)
-                - Fraction(1, max(self.tp, self.gen_tp) * max(self.pp, self.gen_pp)))
+        shard = Fraction(1, self.gen_tp * self.gen_pp)
+        if self.vpp == 1 or self.gen_pp == 1:
+            return shard - Fraction(1, max(self.tp, self.gen_tp) * max(self.pp, self.gen_pp))
+        slots = [([(Fraction(g, self.gen_tp), Fraction(g + 1, self.gen_tp))],
+                  [(Fraction(s, self.gen_pp), Fraction(s + 1, self.gen_pp))])
+                 for g in range(self.gen_tp) for s in range(self.gen_pp)]
+        return max(shard - max(_overlap([tp_iv], tps) * _overlap(layers, stage) for tps, stage in slots)
+                   for tp_iv, layers in map(self.train_shard, range(self.world)))
 
     @property
     def formula_applies(self) -> bool:
@@ -368,9 +377,9 @@ class ParallelLayout:
             lines.append(f"each rank receives (d_g−1)/(t·p) = {self.formula_recv_fraction()} of the model M; "
                          f"all ranks together {total}·M")
         else:
-            lines.append(f"gen shards do not contain training shards here: each rank receives what it lacks, at "
-                         f"least 1/(t_g·p_g) − 1/(max(t,t_g)·max(p,p_g)) = {self.min_recv_fraction()} of M; "
-                         f"all ranks together {total}·M")
+            lines.append(f"gen shards do not contain training shards here: each rank receives what it lacks; the "
+                         f"worst-placed rank at least {self.min_recv_fraction()} of M (1/(t_g·p_g) − "
+                         f"1/(max(t,t_g)·max(p,p_g)) when vpp = 1 or p_g = 1); all ranks together {total}·M")
         if permuted:
             lines.append("gen tp a(b): vLLM TP rank a (vocab rows) holding slice b of every layer's heads and MLP columns")
         return "\n".join(lines)
