@@ -22,12 +22,13 @@ scattered while it runs. So one collective is in flight at a time (every rank is
 order, across the micro-DP and replica groups, which gloo needs), and a slot is packed again only
 after its scatter, on the same stream (on NCCL `work.wait()` makes the current stream wait for the
 collective's stream; the packs and scatters stay on the current stream). The workspace is then two
-slots. The default (`overlap=None`) overlaps on CUDA only: there the collective runs on NCCL's own
-stream, beside the packs and scatters on the current one (not yet measured on a GPU). On CPU gloo's
-transfer and the copies compete for the same cores: on the 2-core test VM (4 ranks, load 13–44) the
-overlapped medians were 0.74–1.92× the serial speed over 2–26 buckets, with the same CPU seconds, i.e.
-no gain beyond the run-to-run spread, for twice the extra memory (benchmarks/results/README.md); so
-CPU stays serial. When two slots would exceed `max_workspace_bytes`, or there is a single bucket, the
+slots. Overlap is opt-in (`overlap=True`; `None`, the default, runs serially): on NCCL the collective
+runs on its own stream, beside the packs and scatters on the current one, which is where it should
+pay, but that is not yet measured on a GPU, and the second slot doubles the extra memory at the
+training → generation switch (which `plan` does not count). On CPU gloo's transfer and the copies
+compete for the same cores: on the 2-core test VM (4 ranks, load 13–44) the overlapped medians were
+0.74–1.92× the serial speed over 2–26 buckets, with the same CPU seconds, i.e. no gain beyond the
+run-to-run spread, for twice the extra memory (benchmarks/results/README.md). When two slots would exceed `max_workspace_bytes`, or there is a single bucket, the
 resharder runs serially with one slot.
 
 Gloo. `all_gather_into_tensor` on gloo is an allgather into a hidden, freshly allocated flat buffer
@@ -88,7 +89,7 @@ class Resharder:
     (e.g. a vLLM parameter, written in place). Both must keep their storage for the resharder's life.
     `keep_workspace`: keep the bucket workspace between runs (default: on CPU only); `gather_by_alltoall`:
     gather buckets by `all_to_all_single` (default: on gloo groups only); `overlap`: two workspace slots
-    and async collectives (default: on CUDA only); `max_workspace_bytes`: the most the overlapped
+    and async collectives (default: off; see the module docstring); `max_workspace_bytes`: the most the overlapped
     workspace (two slots) may take in bytes, else serial (None: no bound; the serial workspace is one
     slot, set by the plan's bucket size). See the module docstring. Raises ValueError when the tensors do
     not match the plan, or `max_workspace_bytes` is negative.
@@ -133,7 +134,7 @@ class Resharder:
                          for i, e in enumerate(plan.exchanges)])
         self.slot_numel = max((s.numel for s in self.steps), default=0)  # one slot: the largest bucket's buffers
         two_slots = (_aligned(self.slot_numel) + self.slot_numel) * self.dtype.itemsize
-        wanted = self.device.type == "cuda" if overlap is None else overlap
+        wanted = bool(overlap)  # None: serial until the overlap is measured on NCCL (module docstring)
         self.overlap = (wanted and len(self.steps) > 1  # resolved: two slots and async collectives
                         and (max_workspace_bytes is None or two_slots <= max_workspace_bytes))
         self.workspace_numel = (_aligned(self.slot_numel) + self.slot_numel) if self.overlap else self.slot_numel

@@ -113,9 +113,10 @@ class ReshardConfig:
     extra memory of a reshard is one bucket's buffers (two when overlapped)."""
     overlap: bool | None = None
     """Pack bucket k + 1 and scatter bucket k − 1 while bucket k's collective is in flight (async
-    collectives, two bucket slots: twice the extra memory). Left out: on GPU (NCCL runs the collective
-    on its own stream), not on CPU (gloo and the copies share the cores: no gain beyond the noise on
-    the 2-core test VM). Resharding is a copy: the weights written are the same either way."""
+    collectives, two bucket slots: twice the extra memory). Left out: serial. On GPU NCCL runs the
+    collective on its own stream, so it should pay there, but it is not yet measured on a GPU; on CPU
+    gloo and the copies share the cores (no gain beyond the noise on the 2-core test VM). Resharding is
+    a copy: the weights written are the same either way."""
     max_workspace_bytes: int | None = None
     """The most memory the overlapped reshard's two slots may take; above it the reshard runs serially
     with one slot. Left out: no bound."""
