@@ -78,6 +78,8 @@ def test_final_val_metrics(tmp_path):
     (["--seeds", "2", "--parallel", "0"], "--parallel must be at least 1"),
     (["--seeds", "2", "run.seeed=3"], "unknown config key"),
     (["--seeds", "2", "--data", "nowhere.parquet"], "--data 'nowhere.parquet' does not exist"),
+    (["--seeds", "2", "trainer.save_final=false"], "trainer.save_final=false leaves no final checkpoint"),
+    (["--seeds", "2", "run.loggers=[console]"], "has no jsonl: the sweep reads each run's metrics.jsonl"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, line):
     proc = cli("sweep", "configs/quickstart.yaml", f"run.output_dir={tmp_path}", *args)

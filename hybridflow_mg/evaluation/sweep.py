@@ -207,6 +207,12 @@ def plan_sweep(config: str, overrides: Sequence[str], *, num_seeds: int, nproc: 
         raise ValueError(f"sweep evaluates every run on one prompt file and data.val_files has "
                          f"{len(base.data.val_files)}; name it with --data FILE")
     _check_gpus(nproc, parallel)
+    if not base.trainer.save_final:
+        raise ValueError("trainer.save_final=false leaves no final checkpoint for the sweep to evaluate; drop the "
+                         "override")
+    if "jsonl" not in base.run.loggers:
+        raise ValueError(f"run.loggers={base.run.loggers} has no jsonl: the sweep reads each run's metrics.jsonl; "
+                         "add jsonl")
     runs = []
     for s in range(num_seeds):
         mine = [f"run.name={base.run.name}_seed{s}", f"run.seed={base.run.seed + s}",
@@ -220,8 +226,10 @@ def plan_sweep(config: str, overrides: Sequence[str], *, num_seeds: int, nproc: 
         val = data or (synthetic_paths(cfg).data.val_files[0] if cfg.model.synthetic else cfg.data.val_files[0])
         runs.append(SeedRun(index=s, seed=cfg.run.seed, run_dir=run_dir(cfg), overrides=[*overrides, *mine],
                             eval_json=out_dir / f"seed{s}.eval.json", val_file=Path(val)))
+    gen_tp = g.tp or t.tp  # left out: the training tp, as train reads it
+    eval_world = math.lcm(t.tp * t.pp, gen_tp * g.pp)  # the checkpoint's layout and the generation layout
     eval_args = ["--n", "1", "--temperature", "0", "--max-tokens", str(base.rollout.max_new_tokens),
-                 "--nproc", str(t.tp * t.pp), "--gen", f"tp={g.tp},pp={g.pp}", "--dtype", base.model.dtype,
+                 "--nproc", str(eval_world), "--gen", f"tp={gen_tp},pp={g.pp}", "--dtype", base.model.dtype,
                  "--prompt-key", base.data.prompt_key]
     if isinstance(base.reward.fn, str):
         eval_args += ["--reward", base.reward.fn]
