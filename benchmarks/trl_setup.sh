@@ -18,13 +18,13 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 MAIN=.venv
 ENV=.venv-trl
-TRL_SPEC=${TRL_SPEC:-trl}
+TRL_SPEC=${TRL_SPEC:-trl==1.16.0}  # the version the peer benchmark and its test were checked on
 
 log() { echo "[trl_setup] $*"; }
 
 [ -x "$MAIN/bin/python" ] || { echo "[trl_setup] $MAIN is missing: run 'bash launch/setup.sh' first" >&2; exit 1; }
 main_site=$("$MAIN/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-want=$( { cat "$0"; echo "$TRL_SPEC"; "$MAIN/bin/python" -m pip freeze 2>/dev/null; } | sha256sum | cut -d' ' -f1)
+want=$( { cat "$0"; echo "$TRL_SPEC"; "$MAIN/bin/python" -m pip freeze --exclude-editable 2>/dev/null; } | sha256sum | cut -d' ' -f1)
 stamp=$ENV/.trl-setup
 
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

