@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout thi
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from hybridflow_mg.bench.measure import cpu_name  # noqa: E402
 from hybridflow_mg.commands._args import parse_sizes  # noqa: E402
 from hybridflow_mg.commands.bench import add_reshard_arguments, number_list  # noqa: E402
 from hybridflow_mg.parallel.layout import ParallelLayout  # noqa: E402
@@ -243,17 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return _cpu_name()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def _default_name(layout: ParallelLayout, device: torch.device, date: str) -> str:
@@ -341,7 +332,7 @@ def _report(args, layout, depths, device, load_before, launcher, default_executo
     return {
         "benchmark": "reshard",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"device": _device_name(device), "cpu": _cpu_name(),
+        "machine": {"device": _device_name(device), "cpu": cpu_name(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "num_cpus": os.cpu_count(), "load_avg_1_5_15_before": [round(x, 2) for x in load_before],
                     "load_avg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
