@@ -18,8 +18,11 @@ def test_defaults_build():
     assert (cfg.advantage.estimator, cfg.policy_loss.name, cfg.kl.estimator) == ("grpo", "ppo_clip", "k3")
     assert cfg.needs == {"ref_logprobs", "groups"}  # KL in the loss by default: a reference model, no critic
     assert AlgoConfig(advantage=AdvantageConfig(estimator="gae")).needs == {"values", "ref_logprobs"}
+    # KL out of the objective: the reference is still built to log KL to it, unless monitoring is off too
     assert AlgoConfig(advantage=AdvantageConfig(estimator="remax"), kl=KLConfig(use_in_loss=False)).needs == \
-        {"greedy_baseline"}
+        {"greedy_baseline", "ref_logprobs"}
+    assert AlgoConfig(advantage=AdvantageConfig(estimator="remax"),
+                      kl=KLConfig(use_in_loss=False, monitor=False)).needs == {"greedy_baseline"}
 
 
 @pytest.mark.parametrize("make, key", [

@@ -57,6 +57,8 @@ def test_kill9_during_step_4_then_resume_is_bit_identical(straight):
     assert len(set(coefs)) == 6, coefs  # the adaptive coefficient moved every step, across the resume too
     final, straight_final = run_dir / "checkpoints" / "final", out / "straight" / "checkpoints" / "final"
     assert _same_files(final, straight_final, "model/*.safetensors")
+    # the warm-started reference (KL is in the loss) was saved and resumed, not rebuilt from model.path
+    assert _same_files(final, run_dir / "checkpoints" / "step_3", "reference/model/*.safetensors")
     mine = trainrun.optimizer_tensors(final / "optim" / "actor")
     theirs = trainrun.optimizer_tensors(straight_final / "optim" / "actor")
     assert mine.keys() == theirs.keys() and len(mine) > 10

@@ -142,6 +142,11 @@ class KLConfig:
     """adaptive: the KL the controller steers towards, in the units of what the loop passes to `update`."""
     horizon: int = 10000
     """adaptive: steps over which a 20 % KL error changes β by 20 %."""
+    monitor: bool = True
+    """Build the reference model and log KL(π_old ‖ π_ref) of the sampled tokens (`rollout_kl`, with
+    `estimator`) even when KL is in neither the reward nor the loss: a run drifting far from its
+    reference shows in the metrics before it shows in the rewards. False saves the reference's
+    weights (counted by `plan`) and its forward pass per step when KL is not used."""
 
     def __post_init__(self):
         _check_name("estimator", self.estimator, "KL_ESTIMATORS")
@@ -153,8 +158,13 @@ class KLConfig:
 
     @property
     def enabled(self) -> bool:
-        """Whether the run needs reference log-probs at all."""
+        """Whether KL is part of the objective (in the reward or in the loss)."""
         return self.use_in_reward or self.use_in_loss
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the run needs reference log-probs at all (KL in the objective, or monitored)."""
+        return self.enabled or self.monitor
 
 
 @dataclass(kw_only=True)
@@ -205,8 +215,9 @@ class AlgoConfig:
     @property
     def needs(self) -> frozenset[str]:
         """What this algorithm needs besides the rollouts (keys of `utils.registry.NEEDS`): what its
-        estimator and policy loss declared at registration, plus reference log-probs when KL is used."""
+        estimator and policy loss declared at registration, plus reference log-probs when KL is used or
+        monitored (`kl.monitor`)."""
         import hybridflow_mg.algos as algos  # lazy, as in `_check_name`
 
         needs = algos.ADVANTAGES.needs(self.advantage.estimator) | algos.POLICY_LOSSES.needs(self.policy_loss.name)
-        return needs | {"ref_logprobs"} if self.kl.enabled else needs
+        return needs | {"ref_logprobs"} if self.kl.needs_reference else needs

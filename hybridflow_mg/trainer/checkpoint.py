@@ -6,6 +6,8 @@ A checkpoint directory (`run_dir/checkpoints/step_N` or `.../final`), written at
     hybridflow.json, model/, tokenizer/   the actor's weights in the project's shard format (any layout
                                           loads them; `hybridflow-mg export --ckpt DIR` makes HF files)
     critic/                               the critic's weights, same format (runs with a critic)
+    reference/                            the reference model's weights, same format (warm-started runs
+                                          with a reference: the warm-started actor's)
     optim/actor/, optim/critic/           the optimizer states (Adam moments; fp32 master weights with
                                           mixed precision) through megatron-core dist_checkpointing
     trainer_state.pt                      step, data position (epoch, index, shuffle seed), KL controller,
@@ -16,7 +18,7 @@ A checkpoint directory (`run_dir/checkpoints/step_N` or `.../final`), written at
 Layout-portable: weights, optimizer states, and everything in trainer_state.pt. The RNG streams are
 restored only at the same world size and layout (the loop draws nothing from them that changes a
 result: sampling seeds derive from the run seed and the step). The reference and reward models are
-frozen and rebuilt from their sources.
+frozen and rebuilt from their sources (the reference of a warm-started run from `reference/`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ from hybridflow_mg.models.hf_io import copy_tokenizer_files, model_params
 from hybridflow_mg.models.layouts import name
 from hybridflow_mg.parallel import faults
 from hybridflow_mg.parallel.grid import on_rank0
+
+REFERENCE = "reference"
+"""The checkpoint's subdirectory with the reference model's weights (warm-started runs only)."""
 
 STATE = "trainer_state.pt"
 
@@ -107,6 +112,8 @@ def save_checkpoint(run, directory: Path, state: dict) -> Path:
     if run.critic is not None:
         save_weights(run, run.critic, run.critic_spec, tmp / "critic", role="critic",
                      source=run.cfg.model.critic_path or run.cfg.model.path)
+    if reference_is_trained(run):  # else it is rebuilt from model.path
+        save_weights(run, run.ref, run.spec, tmp / REFERENCE, role=REFERENCE, source=run.cfg.model.path)
     for role, worker in trainable(run):
         on_rank0(lambda: (tmp / "optim" / role).mkdir(parents=True))
         save_optimizer_state(worker, tmp / "optim" / role)
@@ -137,6 +144,25 @@ def find_resume(cfg, run_dir: Path) -> tuple[Path | None, dict | None]:
         return training.named(mode, root)
     found = training.complete(root)
     return (found[-1][1], training.verify(found[-1][1])) if found else (None, None)
+
+
+def reference_is_trained(run) -> bool:
+    """Whether the run's reference model holds weights of its own (the warm-started actor's, see
+    `warm_start.reference_from_actor`) that checkpoints must carry, rather than `model.path`'s."""
+    return run.ref is not None and run.cfg.actor.warm_start.steps > 0
+
+
+def reference_source(cfg, resume: Path | None, spec):
+    """Where the reference model's weights come from: a resumed checkpoint's `reference/` when it has
+    one (a warm-started run's), else `model.path`. A warm-started run resumed from a checkpoint without
+    it (saved without a reference model) rebuilds it from `model.path` and says so on rank 0."""
+    if resume is not None and (resume / REFERENCE / META).is_file():
+        return weights_source(resume, spec, REFERENCE)
+    if resume is not None and cfg.actor.warm_start.steps:
+        on_rank0(lambda: print(f"note: checkpoint {resume} holds no reference weights (saved without a reference "
+                               "model): the reference is model.path's weights, not the warm-started actor's",
+                               flush=True))
+    return cfg.model.path
 
 
 def weights_source(path: Path, spec, role: str) -> MegatronSource:

@@ -27,7 +27,7 @@ from hybridflow_mg.rollout.config import Sampling
 from hybridflow_mg.rollout.hybrid_engine import HybridEngine
 from hybridflow_mg.rollout.vllm_engine import VLLMEngine
 from hybridflow_mg.trainer.bootstrap import prepare_run, run_dir
-from hybridflow_mg.trainer.checkpoint import find_resume, weights_source
+from hybridflow_mg.trainer.checkpoint import find_resume, reference_source, weights_source
 from hybridflow_mg.trainer.config import TrainConfig, check_batch_split
 from hybridflow_mg.trainer.inputs import engine_max_model_len, load_inputs
 from hybridflow_mg.trainer.workers import ModelWorker
@@ -113,7 +113,7 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     out = run_dir(cfg)
     tracker = Tracker(out if grid.is_logging_rank else None, resume_step=marker["step"] if marker else None,
                       loggers=cfg.run.loggers, config=cfg,
-                      console_keys=("reward_mean", "val_reward", "response_len", "kl", "pg_loss", "grad_norm",
+                      console_keys=("reward_mean", "val_reward", "response_len", "kl", "rollout_kl", "pg_loss", "grad_norm",
                                     "rollout_logprob_diff", "seconds"))
     if grid.is_logging_rank:
         for split, batches in (("train", train_batches), ("validation", val_batches)):
@@ -129,7 +129,7 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     actor = ModelWorker(grid, actor_chunks, optim=cfg.actor.optim, name="actor", schedule_steps=steps)
     ref = None
     if "ref_logprobs" in needs:
-        ref = ModelWorker(grid, _load(grid, spec, cfg.model.path, "ref", cfg)[0], name="ref")
+        ref = ModelWorker(grid, _load(grid, spec, reference_source(cfg, resume, spec), "ref", cfg)[0], name="ref")
     critic = critic_spec = None
     if "values" in needs:
         path = cfg.model.critic_path or cfg.model.path

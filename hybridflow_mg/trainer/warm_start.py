@@ -56,4 +56,26 @@ def warm_start(run) -> list[float]:
             write(f"warm start {step:4d}/{cfg.steps}: cross-entropy {metrics['loss']:.4f}")
     for group, lr in zip(optimizer.param_groups, saved_lr):
         group["lr"] = lr
+    if run.ref is not None:
+        reference_from_actor(run)
     return losses
+
+
+def reference_from_actor(run) -> None:
+    """Copy the actor's weights into the reference model (this rank's shards; no communication).
+
+    After a warm start the reference is the warm-started actor, the policy RL starts from, as the SFT
+    model is the reference of RLHF (Ouyang et al. 2022, §3.5): KL to `model.path`'s weights, which the
+    warm start left behind, would measure (and with KL in the objective, pull towards) the untrained
+    model. Checkpoints then carry the reference's weights (`reference/`), so a resumed run keeps it.
+    Raises RuntimeError when the two models' parameters differ in name or shape (built from different specs)."""
+    import torch
+
+    for actor, ref in zip(run.actor.modules, run.ref.modules, strict=True):
+        mine, theirs = dict(actor.named_parameters()), dict(ref.named_parameters())
+        if {k: v.shape for k, v in mine.items()} != {k: v.shape for k, v in theirs.items()}:
+            raise RuntimeError("the reference model's parameters differ from the actor's; they must be built "
+                               "from the same spec")
+        with torch.no_grad():
+            for key, p in theirs.items():
+                p.copy_(mine[key])
