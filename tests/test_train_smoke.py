@@ -2,6 +2,7 @@
 (GAE, KL in the loss), validation, metrics, the final checkpoint, and its HF export loading in
 transformers. (The full quickstart, where learning is visible, is the README's main command.)"""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,6 +30,11 @@ def test_training_run_end_to_end(tmp_path):
             assert key in r and r[key] == r[key], key  # present and not NaN
         assert r["rollout_logprob_diff"] < 1e-3  # vLLM and the Megatron actor agree on the sampled tokens
         assert r["reshard_collectives"] >= 1
+        assert 0 <= r["truncation_rate"] <= 1 and r["rollout_kl"] >= 0  # KL in the loss: the reference is built
+        assert math.isclose(r["perf/tokens_per_s_per_rank"] * 4, r["perf/tokens_per_s"]) and r["perf/tokens_per_s"] > 0
+        assert math.isclose(r["perf/response_tokens"], r["response_len"] * 8 * 4)  # prompts_per_step × rollout.n
+    # the reference is the warm-started actor: KL(π_old ‖ π_ref) is exactly 0 before the first RL update
+    assert rows[0]["rollout_kl"] == 0.0 < rows[2]["rollout_kl"]
     assert "val_reward" in rows[0] and "val_reward" in rows[1]
     for r in rows[:2]:  # the validation metrics of one greedy sample per prompt (evaluation.response_metrics)
         assert r["val/accuracy"] == r["val_reward"]  # exact-answer reward, format_score 0: mean reward = accuracy

@@ -66,7 +66,9 @@ def rows(run_dir: Path) -> list[dict]:
 
 def comparable(row: dict) -> dict:
     """A metrics row without what depends on the wall clock."""
-    return {k: v for k, v in row.items() if not k.startswith("time/") and k != "seconds"}
+    from hybridflow_mg.metrics.tracker import depends_on_wall_clock
+
+    return {k: v for k, v in row.items() if not depends_on_wall_clock(k)}
 
 
 def optimizer_tensors(directory) -> dict:

@@ -4,8 +4,8 @@ Reads each run's `metrics.jsonl` (what the `jsonl` sink wrote) and writes, into 
 
 * `reward.png`: training reward per step (raw, faint, and a trailing mean) and the validation curves
   (`val_reward`, `val/accuracy`);
-* `training.png`: the KL terms (`ppo_kl`, `kl`, `rollout_kl`), entropy, response length and, with a critic,
-  its value loss (`critic/vf_loss`) per step;
+* `training.png`: the KL terms (`ppo_kl`, `kl`, `rollout_kl`), entropy, response length, truncation rate,
+  throughput (`perf/tokens_per_s_per_rank`) and, with a critic, its value loss (`critic/vf_loss`) per step;
 * `stage_times.png`: the mean seconds of each stage per step (`time/<stage>`), stacked per run, and the
   seconds of every step;
 * `report.md`: the runs, the pictures, the mean stage times and the final metrics (last, mean of the last
@@ -61,6 +61,8 @@ TRAINING_PANELS = (
     Panel("rollout_kl", "KL to the reference (rollout_kl)", "KL (nats per token)"),
     Panel("entropy", "Policy entropy", "entropy (nats per token)"),
     Panel("response_len", "Response length (mean)", "tokens per response"),
+    Panel("truncation_rate", "Truncated responses (hit max_new_tokens)", "fraction of samples"),
+    Panel("perf/tokens_per_s_per_rank", "Throughput (prompt + response tokens)", "tokens/s per rank", best="max"),
     Panel("critic/vf_loss", "Critic value loss (critic/vf_loss)", "value loss (squared error)"),
 )
 SECONDS = Panel("seconds", "Seconds per step", "seconds", best="min")

@@ -14,6 +14,12 @@ from hybridflow_mg.config.schema import DEFAULT_LOGGERS
 from hybridflow_mg.metrics.sinks import LOGGERS, MetricSink, SinkContext, kept_rows
 
 
+def depends_on_wall_clock(key: str) -> bool:
+    """Whether the metric `key` is a time or a rate (`time/<stage>`, `seconds`, `perf/*_per_s*`): the keys
+    that differ between two runs of the same seed; every other metric of a step is reproducible."""
+    return key.startswith("time/") or key == "seconds" or (key.startswith("perf/") and "_per_s" in key)
+
+
 class Timer:
     """Wall-clock seconds per named stage of a step: `with timer("generate"): ...`; `on_enter(name)` is
     called as each stage starts (the trainer records progress with it), `on_exit(name)` as it ends, after

@@ -39,6 +39,8 @@ class Rollouts:
     """[B] the prompt of each sample (ground truth, data source, extra info)."""
     texts: list[str]
     """[B] decoded responses, EOS removed."""
+    truncated: torch.Tensor | None = None
+    """[B] bool: the sample hit `max_new_tokens` before a stop token (vLLM's finish_reason "length")."""
     greedy: "Rollouts | None" = None
     """One greedy response per prompt of this rank's slice, when the run needs a greedy baseline
     (ReMax); its `seqs.group` holds the same global prompt indices."""
@@ -110,12 +112,13 @@ def generate(run, batch, step: int) -> Rollouts:
 
 def _rollouts(run, batch, completions) -> Rollouts:
     part = dp_slice(len(batch), run.grid.layout.dp, run.grid.train.dp)
-    prompts, responses, groups, logprobs, items = [], [], [], [], []
+    prompts, responses, groups, logprobs, items, truncated = [], [], [], [], [], []
     for k, (item, completion) in enumerate(zip(batch.items[part], completions)):
         for sample in completion.samples:
             prompts.append(item.prompt_ids)
             responses.append(sample.token_ids)
             logprobs.append(sample.logprobs)
+            truncated.append(sample.finish_reason == "length")
             groups.append(part.start + k)  # the prompt's index in the global batch: GRPO's group
             items.append(item)
     seqs = Sequences.build(prompts, responses, groups)
@@ -123,7 +126,8 @@ def _rollouts(run, batch, completions) -> Rollouts:
     for i, lp in enumerate(logprobs):
         rollout_lp[i, :len(lp)] = torch.tensor(lp)
     texts = [decode_response(run.tokenizer, r) for r in responses]
-    return Rollouts(seqs=seqs, rollout_logprobs=rollout_lp, items=items, texts=texts)
+    return Rollouts(seqs=seqs, rollout_logprobs=rollout_lp, items=items, texts=texts,
+                    truncated=torch.tensor(truncated, dtype=torch.bool))
 
 
 # --- rewards -----------------------------------------------------------------------------------------------
@@ -276,7 +280,13 @@ def update(run, worker, experience: Experience, *, actor: bool) -> UpdateResult:
 # --- metrics -------------------------------------------------------------------------------------------------
 def step_metrics(run, r: Rollouts, rewards: Rewards, experience: Experience, keep: torch.Tensor,
                  reshard) -> BatchStats:
-    """Batch statistics over all data-parallel ranks, and the rollout/actor log-prob mismatch."""
+    """Batch statistics over all data-parallel ranks, and the rollout/actor log-prob mismatch.
+
+    Keys: reward_mean / reward_std (over samples), response_len (tokens per sample, the stop token
+    counted), truncation_rate (share of samples that hit `max_new_tokens`), rollout_logprob_diff (token
+    mean |log π_vLLM − log π_Megatron|) and its max, samples_kept (DAPO), reshard_mb / reshard_collectives
+    (this rank's weight sync), kl_coef, perf/prompt_tokens and perf/response_tokens (the step's batch,
+    whole job); with a reference model rollout_kl (token mean KL(π_old ‖ π_ref), `algo.kl.estimator`)."""
     mask, scores = r.seqs.response_mask, rewards.scores
     diff = ((r.rollout_logprobs - experience.old_logprobs).abs() * mask)
     kl = 0.0
@@ -284,17 +294,21 @@ def step_metrics(run, r: Rollouts, rewards: Rewards, experience: Experience, kee
         kl = float(compute_kl(experience.old_logprobs, experience.ref_logprobs, mask, run.cfg.algo.kl.estimator).sum())
     baseline = rewards.baseline_scores.sum() if rewards.baseline_scores is not None else 0.0
     device = run.grid.device
+    truncated = float(r.truncated.sum()) if r.truncated is not None else 0.0
     local = torch.tensor([scores.sum(), (scores ** 2).sum(), len(scores), mask.sum(), diff.sum(),
-                          float(keep.sum()), kl, baseline], dtype=torch.float64, device=device)
+                          float(keep.sum()), kl, baseline, truncated, float(r.seqs.prompt_lens.sum())],
+                         dtype=torch.float64, device=device)
     worst = torch.tensor([diff.max() if diff.numel() else 0.0], dtype=torch.float64, device=device)
     dist.all_reduce(local, group=run.grid.dp_group)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=run.grid.dp_group)
-    s, s2, n, tokens, d, kept, kl_sum, baseline_sum = local.tolist()
+    s, s2, n, tokens, d, kept, kl_sum, baseline_sum, truncated_sum, prompt_tokens = local.tolist()
     mean = s / n
     out = {"reward_mean": mean, "reward_std": max(s2 / n - mean * mean, 0.0) ** 0.5, "response_len": tokens / n,
+           "truncation_rate": truncated_sum / n,
            "rollout_logprob_diff": d / max(tokens, 1), "rollout_logprob_diff_max": float(worst.item()),
            "samples_kept": kept, "reshard_mb": reshard.recv_bytes / 1e6, "reshard_collectives": reshard.collectives,
-           "kl_coef": run.kl_controller.value}
+           "kl_coef": run.kl_controller.value,
+           "perf/prompt_tokens": prompt_tokens, "perf/response_tokens": tokens}
     if rewards.baseline_scores is not None:
         out["reward_baseline_mean"] = baseline_sum / n
     rollout_kl = None
