@@ -57,8 +57,14 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path):
             job_state(slurm, job)
         time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR1", job], env=slurm, check=True)  # what --signal=USR1@600 sends
-    while job_state(slurm, job).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-        assert time.monotonic() < end, job_state(slurm, job)
+    released = False
+    while (state := job_state(slurm, job)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < end, state
+        if not released and state.get("Reason") == "BeginTime" and state.get("Restarts") == "1":
+            # slurmctld holds a requeued job back for a while (its BeginTime); as the cluster's admin, let
+            # it start now instead of waiting the hold out (what is tested is that it was requeued at all)
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm, check=True)
+            released = True
         time.sleep(1)
     state = job_state(slurm, job)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", state
