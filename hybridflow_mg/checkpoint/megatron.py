@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from hybridflow_mg.models.layouts import ModelDims, ParamRule, check_pp, check_split, layer_location, name, rules_for
 from hybridflow_mg.models.rowmaps import index_to_runs, locate, shard_index
+from hybridflow_mg.utils.files import write_text_atomic
 
 FORMAT = "hybridflow_mg.megatron/1"
 META = "hybridflow.json"
@@ -52,10 +53,7 @@ class CheckpointMeta:
 
 
 def write_meta(ckpt_dir: str | os.PathLike, meta: CheckpointMeta) -> None:
-    path = Path(ckpt_dir) / META
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(meta), indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(Path(ckpt_dir) / META, json.dumps(asdict(meta), indent=2))
 
 
 def read_meta(ckpt_dir: str | os.PathLike) -> CheckpointMeta:

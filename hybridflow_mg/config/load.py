@@ -23,6 +23,8 @@ from typing import Any, Literal, Mapping, Sequence, TypeVar, Union
 
 import yaml
 
+from hybridflow_mg.utils.files import write_text_atomic
+
 T = TypeVar("T")
 
 
@@ -262,7 +264,4 @@ def dump_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -26,13 +26,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import sys
 import time
 from typing import Any
 
 from hybridflow_mg.evaluation.inputs import EvalInputs
 from hybridflow_mg.evaluation.summary import EvalSample, summarize
+from hybridflow_mg.utils.files import write_text_atomic
 
 CHUNK_PROMPTS = 256
 """Prompts per generation call: the progress bar's step, and a bound on the completions gathered at
@@ -173,10 +173,7 @@ def _write(out: str | None, report: dict[str, Any], samples: list[EvalSample]) -
         sys.stdout.write(text)
         return
     for path, body in ((_samples_path(out), "".join(json.dumps(s.record()) + "\n" for s in samples)), (out, text)):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(body)
-        os.replace(tmp, path)
+        write_text_atomic(path, body)
     m = report["metrics"]
     k = report["config"]["n"]
     kl = f", kl_ref {m['kl_ref']:.4f}" if "kl_ref" in m else ""

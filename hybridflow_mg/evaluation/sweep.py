@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from hybridflow_mg.utils.files import write_text_atomic
+
 EVAL_SKIPPED = ("num_prompts", "num_samples", "pass@1", "maj@1")
 """Eval keys left out of the table: counts, and pass@1 / maj@1, which equal accuracy at one greedy sample."""
 
@@ -376,7 +378,5 @@ def write_sweep(plan: SweepPlan, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """OUT/sweep.json and OUT/sweep.md, each written under a temporary name and renamed when complete."""
     summary = summarize_sweep(plan, rows)
     for name, text in (("sweep.json", json.dumps(summary, indent=1) + "\n"), ("sweep.md", markdown(summary))):
-        tmp = plan.out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, plan.out / name)
+        write_text_atomic(plan.out / name, text)
     return summary
