@@ -191,3 +191,14 @@ def test_response_metrics():
         response_metrics(scores=[1.0], lengths=[], finish_reasons=["stop"], tokens=[[1]], data_sources=[""])
     with pytest.raises(ValueError, match="no values"):
         response_metrics(scores=[], lengths=[], finish_reasons=[], tokens=[], data_sources=[])
+
+
+def test_a_response_without_its_stop_token():
+    from hybridflow_mg.rollout.vllm_engine import Sample
+
+    stop = Sample(token_ids=[5, 7, 2], logprobs=[0.0] * 3, finish_reason="stop", stop_token_id=2)
+    assert stop.without_stop() == [5, 7] and stop.token_ids == [5, 7, 2]  # a copy: the sample is untouched
+    said_by_stops = Sample(token_ids=[5, 9], logprobs=[0.0] * 2, finish_reason="stop")
+    assert said_by_stops.without_stop({9}) == [5] and said_by_stops.without_stop() == [5, 9]
+    cut = Sample(token_ids=[5, 2], logprobs=[0.0] * 2, finish_reason="length", stop_token_id=None)
+    assert cut.without_stop({2}) == [5, 2]  # truncated: its last token is an answer token, even if it is EOS's id

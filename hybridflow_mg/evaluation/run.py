@@ -96,13 +96,11 @@ def _scored(inputs: EvalInputs, completions, reward_fn, stops: set[int]) -> list
                           [it.index for it, _, _ in rows])
     out = []
     for (item, k, s), text, reward in zip(rows, texts, rewards):
-        ids = list(s.token_ids)
-        plain = ids[:-1] if s.finish_reason == "stop" and ids and (ids[-1] in stops or ids[-1] == s.stop_token_id) \
-            else ids  # the diversity metrics read the response without the stop token that ended it
         out.append(EvalSample(prompt_index=item.index, sample_index=k, data_source=item.data_source,
-                              prompt=inputs.raw_prompts[item.index], ground_truth=item.ground_truth, response_ids=ids,
-                              response=text, finish_reason=s.finish_reason, reward=reward,
-                              answer=answer_of(text, item.data_source, rule=inputs.rule), diversity_ids=plain))
+                              prompt=inputs.raw_prompts[item.index], ground_truth=item.ground_truth,
+                              response_ids=list(s.token_ids), response=text, finish_reason=s.finish_reason,
+                              reward=reward, answer=answer_of(text, item.data_source, rule=inputs.rule),
+                              diversity_ids=s.without_stop(stops)))
     return out
 
 

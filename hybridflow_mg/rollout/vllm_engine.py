@@ -74,6 +74,14 @@ class Sample:
     stop_token_id: int | None = None
     """The stop token that ended the sample (its last token), when finish_reason is ``"stop"``."""
 
+    def without_stop(self, stops=()) -> list[int]:
+        """The sampled tokens without the stop token that ended them (`stop_token_id`, or a last token in
+        `stops` when vLLM did not say which), as the diversity metrics read a response."""
+        ids = list(self.token_ids)
+        if self.finish_reason == "stop" and ids and (ids[-1] in stops or ids[-1] == self.stop_token_id):
+            ids.pop()
+        return ids
+
 
 @dataclass(frozen=True)
 class Completion:

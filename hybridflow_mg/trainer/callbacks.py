@@ -98,7 +98,7 @@ def greedy_validation(trainer: "Trainer") -> dict[str, float]:
         total, scores = total + sum(batch_scores), scores + batch_scores  # val_reward summed as it always was
         lengths += [len(s.token_ids) for s in samples]
         finish += [s.finish_reason for s in samples]
-        tokens += [_without_stop(s, stops) for s in samples]
+        tokens += [s.without_stop(stops) for s in samples]
         sources += batch.data_sources
     metrics = {"val_reward": total / max(len(scores), 1)}
     if scores:
@@ -106,10 +106,3 @@ def greedy_validation(trainer: "Trainer") -> dict[str, float]:
             scores=scores, lengths=lengths, finish_reasons=finish, tokens=tokens, data_sources=sources).items()})
     return metrics
 
-
-def _without_stop(sample, stops: set[int]) -> list[int]:
-    """A sample's tokens without the stop token that ended it."""
-    ids = list(sample.token_ids)
-    if sample.finish_reason == "stop" and ids and (ids[-1] in stops or ids[-1] == sample.stop_token_id):
-        ids.pop()
-    return ids
