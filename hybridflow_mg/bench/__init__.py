@@ -9,3 +9,7 @@
 
 `commands/bench.py` is the entry point; `bench reshard` lives in `benchmarks/reshard.py`.
 """
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+"""Where benchmark JSONs, pictures and the results README live (`benchmarks/results/` of the checkout)."""

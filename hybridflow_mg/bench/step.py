@@ -57,12 +57,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from hybridflow_mg.bench import RESULTS
 from hybridflow_mg.bench.measure import (FLOPS_FORMULA, StageProbe, datasheet_tflops, gemm_peak, machine,
                                          matmul_params, rank_gemms, train_flops_per_seq)
 
 STAGES = ("reshard", "generate", "reward", "ref", "old_logprobs", "values", "advantages", "actor_update",
           "critic_update")
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 SCHEMA = 1
 
 

@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hybridflow_mg.bench import RESULTS
 from hybridflow_mg.bench.scale import ScaleSettings, cli, run_scale, sweep_table
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
 @dataclass(kw_only=True)
