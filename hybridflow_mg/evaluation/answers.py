@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Callable
 
 from hybridflow_mg.rewards import countdown, gsm8k, math_answer
-from hybridflow_mg.rewards.compose import DEFAULT_BY_DATA_SOURCE
+from hybridflow_mg.rewards.compose import DEFAULT_BY_DATA_SOURCE, match_data_source
 from hybridflow_mg.rewards.numbers import parse_number
 from hybridflow_mg.utils.registry import Registry
 
@@ -75,11 +75,8 @@ def rule_for(data_source: str, table: dict[str, str] | None = None) -> str | Non
     """The reward rule `table` (default: the built-in data-source table) names for `data_source`:
     case-insensitive substring, the longest key first; None when none matches."""
     table = DEFAULT_BY_DATA_SOURCE if table is None else table
-    low = data_source.lower()
-    for key in sorted(table, key=lambda k: (-len(k), k)):
-        if key.lower() in low:
-            return table[key]
-    return None
+    key = match_data_source(data_source, table)
+    return None if key is None else table[key]
 
 
 def answer_of(text: str, data_source: str, *, rule: str | None = None) -> str | None:

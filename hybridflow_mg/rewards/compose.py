@@ -134,6 +134,13 @@ def weighted_mix(terms: Sequence[tuple[RewardFn, float]]) -> RewardFn:
     return mixed
 
 
+def match_data_source(data_source: str, keys) -> str | None:
+    """The key of `keys` that names `data_source`: a case-insensitive substring of it, the longest (then
+    the alphabetically first) of those that match; None when none does."""
+    low = data_source.lower()
+    return next((k for k in sorted(keys, key=lambda k: (-len(k), k)) if k.lower() in low), None)
+
+
 def by_data_source(*tables: Mapping[str, RewardFn], where: str = "reward.by_data_source") -> RewardFn:
     """One function that picks a reward function by the sample's `data_source`.
 
@@ -142,16 +149,15 @@ def by_data_source(*tables: Mapping[str, RewardFn], where: str = "reward.by_data
     `synthetic/countdown` can differ from `countdown`). Matching ignores case. An unmatched source is a
     ValueError naming the known keys and the config key `where`.
     """
-    ordered = [(k, table[k]) for table in tables for k in sorted(table, key=lambda k: (-len(k), k))]
     chosen: dict[str, RewardFn] = {}
 
     def dispatch(solution: str, ground_truth: Any, *, data_source: str = "", extra_info: dict | None = None) -> float:
         fn = chosen.get(data_source)
         if fn is None:
-            low = data_source.lower()
-            fn = next((f for k, f in ordered if k.lower() in low), None)
+            fn = next((table[k] for table in tables if (k := match_data_source(data_source, table)) is not None), None)
             if fn is None:
-                known = ", ".join(dict.fromkeys(k for k, _ in ordered))
+                known = ", ".join(dict.fromkeys(k for table in tables
+                                                for k in sorted(table, key=lambda k: (-len(k), k))))
                 raise ValueError(
                     f"no reward function for data_source {data_source!r} (known substrings: {known or 'none'}); "
                     f"map it in {where} or set reward.fn"
