@@ -163,3 +163,30 @@ def test_a_failed_seed_is_named(tmp_path, monkeypatch):
     assert f"seed 0: {tmp_path / 'quickstart_seed0'}" in proc.stderr and "no sweep.json" in proc.stderr
     assert len([c for c in calls if c[0] == "train"]) == 2  # seed 2 never started
     assert not (tmp_path / "quickstart_sweep" / "sweep.json").exists()
+
+
+def test_a_sigterm_to_the_sweep_reaches_its_running_child(tmp_path):
+    """The child stands in for a training job: it ends on SIGTERM with 75, as a preempted run does."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    children = sweep.Children()
+    ready = tmp_path / "ready"
+    child = ("import pathlib, signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75))\n"
+             f"pathlib.Path({str(ready)!r}).touch()\n"
+             "time.sleep(120)\n")
+    codes = []
+    lane = threading.Thread(target=lambda: codes.append(children.run([sys.executable, "-c", child], tmp_path / "log",
+                                                                     env={})))
+    lane.start()
+    end = time.monotonic() + 60
+    while not ready.exists():
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    children.forward(signal.SIGTERM)
+    lane.join(timeout=30)
+    assert codes == [75] and not lane.is_alive()
+    children.forward(signal.SIGTERM)  # nothing running: nothing to do

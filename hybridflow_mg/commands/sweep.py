@@ -28,10 +28,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from hybridflow_mg.evaluation.sweep import plan_sweep, run_seeds, write_sweep
+    import signal
+
+    from hybridflow_mg.evaluation.sweep import CHILDREN, plan_sweep, run_seeds, write_sweep
 
     plan = plan_sweep(args.config, args.overrides, num_seeds=args.seeds, nproc=args.nproc, parallel=args.parallel,
                       out=args.out, data=args.data)
+    # a SIGTERM to the sweep stops its runs too (each saves a checkpoint; the same command resumes them)
+    signal.signal(signal.SIGTERM, CHILDREN.forward)
     summary = write_sweep(plan, run_seeds(plan))
     c = summary["consistency"]
     print(f"sweep of {len(plan.runs)} seeds: answers agree on {c['agreement']:.3f} of {c['num_prompts']} prompts "

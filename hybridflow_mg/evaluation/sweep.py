@@ -257,11 +257,43 @@ Runner = Callable[[list[str], Path, dict[str, str]], int]
 """(hybridflow-mg argv, log file, environment) → exit status. The default starts a child process."""
 
 
+class Children:
+    """The sweep's running child processes, so that a signal to the sweep reaches them.
+
+    A SIGTERM to the sweep alone (`kill`, a batch system ending it) would otherwise leave its training
+    job running on, holding the machine: `forward` passes it on, the job saves a checkpoint and stops
+    (exit 75), the sweep reports that seed as stopped, and the same command later resumes it."""
+
+    def __init__(self):
+        self._running: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def run(self, cmd: list[str], log: Path, env: dict[str, str]) -> int:
+        """`cmd` with stdout and stderr into `log`; its exit status."""
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+            with self._lock:
+                self._running.add(proc)
+            try:
+                return proc.wait()
+            finally:
+                with self._lock:
+                    self._running.discard(proc)
+
+    def forward(self, signum: int, frame=None) -> None:
+        """Send `signum` to every running child (a `signal.signal` handler)."""
+        with self._lock:
+            for proc in self._running:
+                proc.send_signal(signum)
+
+
+CHILDREN = Children()
+"""The children of this process's sweep (`commands/sweep.py` forwards SIGTERM to them)."""
+
+
 def run_cli(argv: list[str], log: Path, env: dict[str, str]) -> int:
     """`hybridflow-mg <argv>` as a child process, stdout and stderr into `log`."""
-    with open(log, "w") as f:
-        return subprocess.run([sys.executable, "-m", "hybridflow_mg.cli", *argv], stdout=f, stderr=subprocess.STDOUT,
-                              env=env).returncode
+    return CHILDREN.run([sys.executable, "-m", "hybridflow_mg.cli", *argv], log, env)
 
 
 def _last_error(log: Path) -> str:
