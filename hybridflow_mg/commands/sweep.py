@@ -19,7 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides for every run")
     p.add_argument("--seeds", type=int, required=True, metavar="K", help="number of runs (at least 2)")
     p.add_argument("--nproc", type=int, default=None,
-                   help="processes per run (default: the training layout's smallest world, tp × pp × dp)")
+                   help="processes per run (default: the training layout's smallest world, tp × pp × dp; "
+                        "the quickstart runs on 4)")
     p.add_argument("--parallel", type=int, default=1, metavar="P", help="runs at once (default 1; see above)")
     p.add_argument("--data", default=None, metavar="FILE",
                    help="prompts the final checkpoints are evaluated on (default: the config's validation file)")
