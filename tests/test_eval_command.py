@@ -140,3 +140,22 @@ def test_summary_by_hand():
     assert m["response_len_mean"] == 15 / 6 and m["truncation_rate"] == 1 / 6
     assert m["by_data_source"]["a"]["pass@3"] == 1.0 and m["by_data_source"]["b"]["accuracy"] == 2 / 3
     assert "kl_ref" not in m
+
+
+def test_a_checkpoints_reference_is_a_policy_and_its_critic_is_not(world, tmp_path):
+    """`--ref RUN/checkpoints/final/reference` (a warm-started run's reference) is read like an actor."""
+    import shutil
+
+    from hybridflow_mg.checkpoint.megatron import META
+    from hybridflow_mg.evaluation.inputs import resolve_model
+
+    for role in ("reference", "critic"):
+        where = tmp_path / role
+        shutil.copytree(world / "ck", where)
+        meta = json.loads((where / META).read_text())
+        (where / META).write_text(json.dumps({**meta, "role": role}))
+        if role == "reference":
+            assert resolve_model(str(where), "--ref").format == "checkpoint"
+        else:
+            with pytest.raises(ValueError, match=r"holds critic weights \(a value head\), not a policy"):
+                resolve_model(str(where), "--ref")

@@ -70,8 +70,9 @@ def test_kill9_during_step_4_then_resume_is_bit_identical(straight):
 def test_resume_at_another_layout(straight):
     """TP2·DP2 → TP1·PP2·DP2: weights, Adam moments and the rest of the state are layout-portable."""
     ckpt = straight / "straight" / "checkpoints" / "step_3"
+    # warm_start.steps=0: the reference still comes from the checkpoint (and goes into the next one)
     proc = trainrun.run(straight, "other_layout", *ADAPTIVE_KL, "parallel.train.tp=1", "parallel.train.pp=2",
-                        "trainer.total_steps=4", f"trainer.resume={ckpt}")
+                        "trainer.total_steps=4", f"trainer.resume={ckpt}", "actor.warm_start.steps=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     step4 = rows(straight / "other_layout")[0]
     want = rows(straight / "straight")[3]
@@ -80,6 +81,8 @@ def test_resume_at_another_layout(straight):
     print(f"step 4 loss at TP1·PP2·DP2 {step4['loss']!r} vs TP2·DP2 {want['loss']!r}: |diff| = {diff:.3g}")
     assert diff <= 1e-6
     assert step4["kl_coef"] == want["kl_coef"]
+    assert abs(step4["rollout_kl"] - want["rollout_kl"]) <= 1e-6  # the same (warm-started) reference
+    assert (straight / "other_layout" / "checkpoints" / "final" / "reference" / "hybridflow.json").is_file()
 
 
 def test_kill_during_a_save_keeps_the_previous_checkpoint(tmp_path):

@@ -85,7 +85,7 @@ def resolve_model(path: str, flag: str = "MODEL") -> ModelSource:
     if (p / META).is_file():
         step = training.verify(p)["step"] if (p / training.MARKER).is_file() else None  # sizes checked first
         meta = read_meta(p)
-        if meta.role != "actor":
+        if meta.role not in ("actor", "reference"):  # a training checkpoint's reference/ is a policy too
             raise ValueError(f"{flag} {path!r} holds {meta.role} weights (a value head), not a policy; give the "
                              f"checkpoint directory above it")
         spec = spec_from_hf(meta.hf_config, vocab_divisor=meta.model_dims.vocab_divisor)

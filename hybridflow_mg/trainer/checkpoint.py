@@ -148,21 +148,29 @@ def find_resume(cfg, run_dir: Path) -> tuple[Path | None, dict | None]:
 
 def reference_is_trained(run) -> bool:
     """Whether the run's reference model holds weights of its own (the warm-started actor's, see
-    `warm_start.reference_from_actor`) that checkpoints must carry, rather than `model.path`'s."""
-    return run.ref is not None and run.cfg.actor.warm_start.steps > 0
+    `warm_start.reference_from_actor`, or a checkpoint's `reference/`) that checkpoints must carry,
+    rather than `model.path`'s."""
+    return run.ref is not None and run.reference_trained
 
 
-def reference_source(cfg, resume: Path | None, spec):
-    """Where the reference model's weights come from: a resumed checkpoint's `reference/` when it has
-    one (a warm-started run's), else `model.path`. A warm-started run resumed from a checkpoint without
-    it (saved without a reference model) rebuilds it from `model.path` and says so on rank 0."""
-    if resume is not None and (resume / REFERENCE / META).is_file():
-        return weights_source(resume, spec, REFERENCE)
-    if resume is not None and cfg.actor.warm_start.steps:
-        on_rank0(lambda: print(f"note: checkpoint {resume} holds no reference weights (saved without a reference "
-                               "model): the reference is model.path's weights, not the warm-started actor's",
-                               flush=True))
-    return cfg.model.path
+def reference_source(cfg, resume: Path | None, spec) -> tuple[object, bool]:
+    """(where the reference model's weights come from, whether they are its own): a resumed checkpoint's
+    `reference/` when it has one (a warm-started run's), else `model.path`. A warm-started run resumed
+    from a checkpoint without it (saved without a reference model) rebuilds it from `model.path` and
+    says so. Collective: rank 0 looks at the checkpoint, every rank gets its answer."""
+    if resume is None:
+        return cfg.model.path, False
+
+    def look() -> bool:
+        held = (resume / REFERENCE / META).is_file()
+        if not held and cfg.actor.warm_start.steps:
+            print(f"note: checkpoint {resume} holds no reference weights (saved without a reference model): the "
+                  "reference is model.path's weights, not the warm-started actor's", flush=True)
+        return held
+
+    if on_rank0(look):
+        return weights_source(resume, spec, REFERENCE), True
+    return cfg.model.path, False
 
 
 def weights_source(path: Path, spec, role: str) -> MegatronSource:

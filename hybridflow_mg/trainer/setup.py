@@ -55,9 +55,13 @@ class Run:
     kl_controller: object
     sampling: Sampling
     needs: frozenset[str]
-    """What the algorithm's estimator and losses declared they need (`utils.registry.NEEDS`); the roles
-    above were built for exactly these."""
+    """What the algorithm's estimator and losses declared they need (`utils.registry.NEEDS`), with
+    `ref_logprobs` also when KL is in the objective or monitored (`algo.kl.monitor`); the roles above
+    were built for exactly these."""
     critic_spec: ModelSpec | None = None
+    reference_trained: bool = False
+    """The reference holds weights of its own, not `model.path`'s: the warm-started actor's (copied after
+    the warm start, or loaded from a checkpoint's `reference/`); checkpoints then save them."""
     resume: Path | None = None
     """The checkpoint this run continues from (its weights are already in the models), or None."""
     resume_marker: dict | None = None
@@ -127,9 +131,10 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
     steps = cfg.trainer.total_steps
     actor_chunks, naming = _load(grid, spec, weights(spec, "actor", cfg.model.path), "actor", cfg)
     actor = ModelWorker(grid, actor_chunks, optim=cfg.actor.optim, name="actor", schedule_steps=steps)
-    ref = None
+    ref, reference_trained = None, False
     if "ref_logprobs" in needs:
-        ref = ModelWorker(grid, _load(grid, spec, reference_source(cfg, resume, spec), "ref", cfg)[0], name="ref")
+        source, reference_trained = reference_source(cfg, resume, spec)
+        ref = ModelWorker(grid, _load(grid, spec, source, "ref", cfg)[0], name="ref")
     critic = critic_spec = None
     if "values" in needs:
         path = cfg.model.critic_path or cfg.model.path
@@ -156,5 +161,5 @@ def build_run(cfg: TrainConfig, *, reward_fn: RewardFn | None = None) -> Run:
                val_batches=val_batches, spec=spec, naming=naming, actor=actor, ref=ref, critic=critic, reward_model=reward_model,
                engine=engine, hybrid=hybrid, reward_fn=reward_fn if reward_fn is not None else build_reward_fn(cfg.reward),
                kl_controller=build_kl_controller(cfg.algo.kl), sampling=sampling, needs=needs,
-               critic_spec=critic_spec, resume=resume, resume_marker=marker,
+               critic_spec=critic_spec, resume=resume, resume_marker=marker, reference_trained=reference_trained,
                progress=Progress.of_world(cfg.dist.timeout_minutes))

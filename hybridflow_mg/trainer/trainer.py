@@ -417,14 +417,18 @@ class Trainer:
         """This rank's training state: step, data position, KL controller, learning-rate schedules,
         consecutive bad steps, callbacks' states (those with a `state_dict`), every RNG stream, and
         the actor's and critic's weights and optimizer states (this rank's shards; tensors are
-        references, as torch's `state_dict` gives them). The reference and reward models are frozen
-        and rebuilt from their sources. Checkpoints on disk: `save_checkpoint`."""
+        references, as torch's `state_dict` gives them), and the reference's weights when they are its
+        own (the warm-started actor's). Otherwise the reference and the reward model are frozen and
+        rebuilt from their sources. Checkpoints on disk: `save_checkpoint`."""
+        from hybridflow_mg.trainer.checkpoint import reference_is_trained
         from hybridflow_mg.trainer.state import process_rng_state, worker_state
 
         run = self.setup()
         state = {**self._own_state(), "rng": process_rng_state(), "actor": worker_state(run.actor)}
         if run.critic is not None:
             state["critic"] = worker_state(run.critic)
+        if reference_is_trained(run):
+            state["reference"] = worker_state(run.ref)
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -440,10 +444,16 @@ class Trainer:
         check_worker_state(run.actor, state["actor"])
         if run.critic is not None:
             check_worker_state(run.critic, state["critic"])
+        reference = state.get("reference") if run.ref is not None else None
+        if reference is not None:
+            check_worker_state(run.ref, reference)
         self._load_own_state(state)
         load_worker_state(run.actor, state["actor"])
         if run.critic is not None:
             load_worker_state(run.critic, state["critic"])
+        if reference is not None:
+            load_worker_state(run.ref, reference)
+            run.reference_trained = True
         set_process_rng_state(state["rng"])  # last: loading must not draw from the restored streams
 
     def close(self) -> None:

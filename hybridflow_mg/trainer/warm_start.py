@@ -79,3 +79,4 @@ def reference_from_actor(run) -> None:
         with torch.no_grad():
             for key, p in theirs.items():
                 p.copy_(mine[key])
+    run.reference_trained = True
