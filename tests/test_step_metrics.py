@@ -74,8 +74,8 @@ def test_truncation_tokens_and_monitored_kl(tmp_path):
 
 
 def test_throughput_from_counts_and_seconds():
-    got = throughput({"perf/prompt_tokens": 300.0, "perf/response_tokens": 100.0, "seconds": 2.0,
-                      "time/generate": 0.5}, world=4)
+    got = throughput({"perf/prompt_tokens": 300.0, "perf/response_tokens": 100.0, "seconds": 2.5,
+                      "time/validate": 0.5, "time/generate": 0.5}, world=4)  # validation is not the step's work
     assert got == {"perf/tokens_per_s": 200.0, "perf/tokens_per_s_per_rank": 50.0, "perf/generate_tokens_per_s": 200.0}
 
 

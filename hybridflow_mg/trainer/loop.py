@@ -86,8 +86,9 @@ def rl_step(run, batch, step: int, *, evaluate: Callable[[], dict] | None = None
         metrics["groups_without_signal"] = adv.groups_without_signal
     metrics.update({f"time/{k}": v for k, v in timer.seconds.items()}, seconds=time.perf_counter() - start)
     metrics.update(throughput(metrics, run.grid.layout.world))
-    # the controller steers the KL the actor was penalised with, else the KL measured on the rollouts
-    kl = actor.kl if actor.kl is not None else batch_stats.rollout_kl
+    # the controller steers the KL the actor was penalised with, else the KL of the reward penalty (measured
+    # on the rollouts); a KL that is only monitored (`algo.kl.monitor`) is not fed to it
+    kl = actor.kl if actor.kl is not None else batch_stats.rollout_kl if cfg.algo.kl.use_in_reward else None
     run.kl_controller.update(kl if kl is not None else 0.0, cfg.data.prompts_per_step * run.sampling.n)
     clash = sorted(evaluated.keys() & metrics.keys())
     if clash:
@@ -98,11 +99,14 @@ def rl_step(run, batch, step: int, *, evaluate: Callable[[], dict] | None = None
 def throughput(metrics: dict[str, float], world: int) -> dict[str, float]:
     """Tokens per second of one step from its token counts and seconds (`step_metrics`, the timers).
 
-    perf/tokens_per_s: prompt + response tokens the step processed over its wall-clock seconds (whole
-    job); perf/tokens_per_s_per_rank: the same over `world` ranks (verl's `perf/throughput`);
-    perf/generate_tokens_per_s: response tokens over the seconds of generation (whole job)."""
+    perf/tokens_per_s: prompt + response tokens of the step's samples (a prompt counted once per sample,
+    as training reads it) over the step's seconds without validation (`time/validate`), whole job;
+    perf/tokens_per_s_per_rank: the same over `world` ranks (verl's `perf/throughput`);
+    perf/generate_tokens_per_s: the samples' response tokens over the seconds of generation (whole job;
+    ReMax's greedy baselines are generated in that time but not counted)."""
     tokens = metrics["perf/prompt_tokens"] + metrics["perf/response_tokens"]
-    seconds, generating = max(metrics["seconds"], 1e-9), max(metrics.get("time/generate", 0.0), 1e-9)
+    seconds = max(metrics["seconds"] - metrics.get("time/validate", 0.0), 1e-9)
+    generating = max(metrics.get("time/generate", 0.0), 1e-9)
     return {"perf/tokens_per_s": tokens / seconds, "perf/tokens_per_s_per_rank": tokens / seconds / world,
             "perf/generate_tokens_per_s": metrics["perf/response_tokens"] / generating}
 

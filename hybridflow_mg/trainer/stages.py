@@ -40,7 +40,8 @@ class Rollouts:
     texts: list[str]
     """[B] decoded responses, EOS removed."""
     truncated: torch.Tensor | None = None
-    """[B] bool: the sample hit `max_new_tokens` before a stop token (vLLM's finish_reason "length")."""
+    """[B] bool: the sample hit `max_new_tokens` (or the engine's `max_model_len`) before a stop token
+    (vLLM's finish_reason "length")."""
     greedy: "Rollouts | None" = None
     """One greedy response per prompt of this rank's slice, when the run needs a greedy baseline
     (ReMax); its `seqs.group` holds the same global prompt indices."""
