@@ -165,6 +165,32 @@ def test_a_failed_seed_is_named(tmp_path, monkeypatch):
     assert not (tmp_path / "quickstart_sweep" / "sweep.json").exists()
 
 
+def test_a_sigterm_during_a_seed_stops_the_sweep_resumable(tmp_path, monkeypatch):
+    """Through the CLI: the SIGTERM arrives while seed 1 trains (its job then saves and exits 75)."""
+    import os
+    import signal
+
+    runner, calls = _stand_in()
+
+    def terminated_in_seed_1(argv, log, env):
+        if argv[0] == "train" and _option(argv, "run.seed") == "8":
+            os.kill(os.getpid(), signal.SIGTERM)  # to the sweep: its handler forwards it
+            return 75
+        return runner(argv, log, env)
+
+    monkeypatch.setattr(sweep, "run_cli", terminated_in_seed_1)
+    monkeypatch.setattr(sweep, "CHILDREN", sweep.Children())
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        proc = cli("sweep", "configs/quickstart.yaml", "--seeds", "3", f"run.output_dir={tmp_path}")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert proc.returncode == 75, proc.stderr
+    assert "stopped by SIGTERM" in proc.stderr and "the same command resumes" in proc.stderr
+    assert [_option(c, "run.seed") for c in calls if c[0] == "train"] == ["7"]  # seed 2 never started
+    assert not (tmp_path / "quickstart_sweep" / "sweep.json").exists()
+
+
 def test_a_sigterm_to_the_sweep_reaches_its_running_child(tmp_path):
     """The child stands in for a training job: it ends on SIGTERM with 75, as a preempted run does."""
     import signal
@@ -189,4 +215,6 @@ def test_a_sigterm_to_the_sweep_reaches_its_running_child(tmp_path):
     children.forward(signal.SIGTERM)
     lane.join(timeout=30)
     assert codes == [75] and not lane.is_alive()
-    children.forward(signal.SIGTERM)  # nothing running: nothing to do
+    with pytest.raises(sweep.SweepStopped, match="stopped by SIGTERM"):  # no further child starts
+        children.run([sys.executable, "-c", "open('started', 'w')"], tmp_path / "log2", env={})
+    assert not (tmp_path / "log2").exists()

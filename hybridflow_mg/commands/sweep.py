@@ -31,13 +31,21 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import signal
 
-    from hybridflow_mg.evaluation.sweep import CHILDREN, plan_sweep, run_seeds, write_sweep
+    import sys
+
+    from hybridflow_mg.evaluation.sweep import CHILDREN, SweepStopped, plan_sweep, run_seeds, write_sweep
+    from hybridflow_mg.parallel.local_launch import EXIT_RESUMABLE
 
     plan = plan_sweep(args.config, args.overrides, num_seeds=args.seeds, nproc=args.nproc, parallel=args.parallel,
                       out=args.out, data=args.data)
     # a SIGTERM to the sweep stops its runs too (each saves a checkpoint; the same command resumes them)
     signal.signal(signal.SIGTERM, CHILDREN.forward)
-    summary = write_sweep(plan, run_seeds(plan))
+    try:
+        rows = run_seeds(plan)
+    except SweepStopped as e:
+        print(f"hybridflow-mg: {e}", file=sys.stderr, flush=True)
+        return EXIT_RESUMABLE
+    summary = write_sweep(plan, rows)
     c = summary["consistency"]
     print(f"sweep of {len(plan.runs)} seeds: answers agree on {c['agreement']:.3f} of {c['num_prompts']} prompts "
           f"(pairwise {c['pairwise_agreement']:.3f}), per-prompt reward std {c['reward_std']:.3f}; wrote "

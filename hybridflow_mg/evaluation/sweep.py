@@ -257,32 +257,50 @@ Runner = Callable[[list[str], Path, dict[str, str]], int]
 """(hybridflow-mg argv, log file, environment) → exit status. The default starts a child process."""
 
 
+class SweepStopped(SweepError):
+    """A signal stopped the sweep (`Children.forward`); the same command resumes it (status 75)."""
+
+
 class Children:
     """The sweep's running child processes, so that a signal to the sweep reaches them.
 
     A SIGTERM to the sweep alone (`kill`, a batch system ending it) would otherwise leave its training
     job running on, holding the machine: `forward` passes it on, the job saves a checkpoint and stops
-    (exit 75), the sweep reports that seed as stopped, and the same command later resumes it."""
+    (exit 75), no further child starts, and the sweep ends with status 75; the same command resumes."""
 
     def __init__(self):
         self._running: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: the handler may interrupt the main thread holding it
+        self.stopped_by: int | None = None
+        """The signal that stopped the sweep, once one did."""
 
     def run(self, cmd: list[str], log: Path, env: dict[str, str]) -> int:
-        """`cmd` with stdout and stderr into `log`; its exit status."""
+        """`cmd` with stdout and stderr into `log`; its exit status. SweepStopped once a signal was
+        forwarded (a child started in the meantime is passed the signal too)."""
+        self.check()
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             with self._lock:
                 self._running.add(proc)
+                if self.stopped_by is not None:  # the signal came while it was starting
+                    proc.send_signal(self.stopped_by)
             try:
                 return proc.wait()
             finally:
                 with self._lock:
                     self._running.discard(proc)
 
+    def check(self) -> None:
+        """Raise SweepStopped when a signal was forwarded."""
+        if self.stopped_by is not None:
+            import signal
+
+            raise SweepStopped(f"stopped by {signal.Signals(self.stopped_by).name}")
+
     def forward(self, signum: int, frame=None) -> None:
-        """Send `signum` to every running child (a `signal.signal` handler)."""
+        """Send `signum` to every running child and start no other (a `signal.signal` handler)."""
         with self._lock:
+            self.stopped_by = signum
             for proc in self._running:
                 proc.send_signal(signum)
 
@@ -314,6 +332,7 @@ def _seed_job(plan: SweepPlan, run: SeedRun, runner: Runner, env: dict[str, str]
         print(f"sweep: seed {run.index} (run.seed={run.seed}): {stage} {what} (log {log})", flush=True)
         code = runner(argv, log, env)
         if code != 0:
+            CHILDREN.check()  # stopped by a signal, not failed
             raise SweepError(f"seed {run.index} (run.seed={run.seed}, {run.run_dir}) failed in {stage} with status "
                              f"{code}: {_last_error(log)} (log: {log})")
     val_step, val = final_val_metrics(run.run_dir / "metrics.jsonl")
@@ -361,6 +380,9 @@ def run_seeds(plan: SweepPlan, runner: Runner | None = None) -> list[dict[str, A
             th.join()
     if failures:
         kept = "; ".join(f"seed {i}: {done[i]['run_dir']} and {done[i]['eval_json']}" for i in sorted(done))
+        if any(isinstance(f, SweepStopped) for f in failures):
+            raise SweepStopped(f"sweep: {failures[0]}; seeds finished: {kept or 'none'}; a running training job "
+                               "saved a checkpoint; the same command resumes the sweep")
         raise SweepError(f"sweep: {failures[0]}. Finished before it: {kept or 'no seed'}; no sweep.json was written")
     return [done[r.index] for r in plan.runs]
 
