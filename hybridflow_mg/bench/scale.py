@@ -129,9 +129,10 @@ def run_scale(s: ScaleSettings, out_dir: Path, *, reshard: bool = True, step: bo
         for prompts in s.prompts_per_step:
             path = out_dir / f"scale_step_p{prompts}.json"
             path.unlink(missing_ok=True)
-            rc = cli(["bench", "step", s.config, *s.overrides, f"data.prompts_per_step={prompts}",
-                      f"actor.warm_start.steps={s.warm_start_steps}", "--nproc", str(s.nproc), "--steps",
-                      str(s.steps), "--warmup", str(s.warmup), "--out", str(path)])
+            # no monitoring reference model, as bench all's step (which the points are compared with)
+            rc = cli(["bench", "step", s.config, "algo.kl.monitor=false", *s.overrides,
+                      f"data.prompts_per_step={prompts}", f"actor.warm_start.steps={s.warm_start_steps}",
+                      "--nproc", str(s.nproc), "--steps", str(s.steps), "--warmup", str(s.warmup), "--out", str(path)])
             runs.append({"kind": "step", "prompts_per_step": prompts, "file": path.name, "status": rc})
             if rc == 0 and path.is_file():
                 step_reports[prompts] = json.loads(path.read_text())

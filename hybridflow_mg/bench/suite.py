@@ -99,10 +99,11 @@ def run_all(s: SuiteSettings, out_dir: Path) -> int:
         record["parts"][name] = {"status": status, "seconds": round(time.perf_counter() - t0, 1)}
 
     step_json = out_dir / "bench_step.json"
-    # algo.kl.monitor=false: TRL's GRPOTrainer (beta 0, its default) builds no reference model; neither do we
-    part("step", lambda: cli(["bench", "step", s.config, *s.overrides, f"actor.warm_start.steps={s.warm_start_steps}",
-                              "algo.kl.monitor=false", "--nproc", str(s.nproc), "--steps", str(s.steps), "--warmup", str(s.warmup),
-                              "--out", str(step_json)]))
+    # algo.kl.monitor=false (before the user's overrides, which may set it back): TRL's GRPOTrainer at its
+    # default beta 0 builds no reference model; neither do we
+    part("step", lambda: cli(["bench", "step", s.config, "algo.kl.monitor=false", *s.overrides,
+                              f"actor.warm_start.steps={s.warm_start_steps}", "--nproc", str(s.nproc), "--steps",
+                              str(s.steps), "--warmup", str(s.warmup), "--out", str(step_json)]))
     part("peer", lambda: _peer(s, step_json, out_dir / "trl_peer.json", record))
     part("reshard", lambda: cli(["bench", "reshard", "--nproc", str(s.nproc), "--train", s.reshard_train, "--gen",
                                  s.reshard_gen, "--layers", s.reshard_layers, "--bucket-mb", s.reshard_buckets,

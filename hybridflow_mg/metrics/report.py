@@ -339,7 +339,7 @@ def write_report(runs: Sequence[Run], out: Path, *, window: int = 10) -> list[Pa
     try:
         drawn = set(_curves_figure(plt, runs, REWARD_PANELS, "Reward and validation", window,
                                    tmp / "reward.png"))
-        drawn |= set(_curves_figure(plt, runs, TRAINING_PANELS, "KL, entropy, response length", window,
+        drawn |= set(_curves_figure(plt, runs, TRAINING_PANELS, "KL, entropy, length, truncation, throughput", window,
                                     tmp / "training.png"))
         has_stages = _stage_figure(plt, runs, window, tmp / "stage_times.png")
         (tmp / "report.md").write_text(_markdown(runs, drawn, has_stages))
@@ -361,7 +361,7 @@ def _markdown(runs: Sequence[Run], drawn: set[str], has_stages: bool) -> str:
     if drawn & {p.key for p in REWARD_PANELS}:
         md += ["", "## Reward and validation", "", "![reward and validation](reward.png)"]
     if drawn & {p.key for p in TRAINING_PANELS}:
-        md += ["", "## KL, entropy, response length", "", "![KL, entropy, response length](training.png)"]
+        md += ["", "## KL, entropy, length, truncation, throughput", "", "![KL, entropy, length, truncation, throughput](training.png)"]
     if has_stages:
         md += ["", "## Stage times", "", "![stage times](stage_times.png)", ""]
         means = [r.stage_means() for r in runs]
@@ -372,7 +372,7 @@ def _markdown(runs: Sequence[Run], drawn: set[str], has_stages: bool) -> str:
             md += [f"| {s} | " + " | ".join(_fmt(m.get(s)) for m in means) + " |" for s in stages]
             md.append("| **total** | " + " | ".join(_fmt(sum(m.values())) for m in means) + " |")
     md += ["", "## Final metrics", "", "Value (step); the mean of the last 5 logged values for per-step metrics; "
-           "the best value and its step for rewards, accuracy and step time.", "", *final_table(runs)]
+           "the best value and its step for rewards, accuracy, throughput and step time.", "", *final_table(runs)]
     notes = _notes(runs, drawn)
     if notes:
         md += ["", "## Notes", "", *[f"- {n}" for n in notes]]
