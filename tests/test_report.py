@@ -105,3 +105,22 @@ def test_a_directory_without_metrics_is_one_line_and_writes_nothing(tmp_path):
     done = cli("report", good, "--out", good)
     assert done.returncode == 2 and "exists and is not a report" in done.stderr
     assert sorted(p.name for p in good.iterdir()) == ["config.yaml", "metrics.jsonl"]
+
+
+def test_a_panel_of_zeros_only_is_left_out_and_said(tmp_path):
+    from hybridflow_mg.metrics import report
+
+    zeros, some = _rows(4, lambda s: 0.1), _rows(4, lambda s: 0.2)
+    for row in zeros + some:
+        row["truncation_rate"] = 0.0
+    a = _run(tmp_path / "a", "a", "grpo", zeros)
+    b = _run(tmp_path / "b", "b", "grpo", some)
+    plt = report._pyplot()
+    drawn = report._curves_figure(plt, load_runs([a, b]), report.TRAINING_PANELS, "t", 1, tmp_path / "t.png")
+    assert "truncation_rate" not in drawn and "entropy" in drawn
+    assert "`truncation_rate` is 0 at every step of every run that logged it; its panel is left out." in \
+        report._notes(load_runs([a, b]), set(drawn))
+    some[2]["truncation_rate"] = 0.25  # one run's one step: worth a panel
+    b = _run(tmp_path / "b2", "b", "grpo", some)
+    assert "truncation_rate" in report._curves_figure(plt, load_runs([a, b]), report.TRAINING_PANELS, "t", 1,
+                                                      tmp_path / "t2.png")

@@ -12,7 +12,8 @@ Reads each run's `metrics.jsonl` (what the `jsonl` sink wrote) and writes, into 
   steps, best).
 
 Several runs share each panel (A/B): a run keeps one colour and line style in every picture. A key that a
-run did not log is left out for that run and named under "Notes"; a panel no run logged is left out.
+run did not log is left out for that run and named under "Notes"; a panel no run logged, or that every run
+logged as 0 at every step, is left out (and named under "Notes").
 The directory is written beside its destination and moved into place complete, so a failed report leaves
 nothing half-written. matplotlib (Agg, no display) is imported only here, behind one guard.
 """
@@ -89,6 +90,11 @@ class Run:
 
     def has(self, key: str) -> bool:
         return bool(self.series(key)[0])
+
+    def all_zero(self, key: str) -> bool:
+        """Logged, and 0 at every step (e.g. `ppo_kl` with one on-policy update per batch)."""
+        steps, values = self.series(key)
+        return bool(steps) and not any(values)
 
     def stage_means(self) -> dict[str, float]:
         """Mean seconds per step of each `time/<stage>`: its total over the run / the number of steps, so a
@@ -178,11 +184,18 @@ def _style(i: int) -> dict:
     return {"color": COLORS[i % len(COLORS)], "linestyle": LINESTYLES[i % len(LINESTYLES)]}
 
 
+def _worth_drawing(runs: Sequence[Run], key: str) -> bool:
+    """Some run logged `key`, and not every run that did logged only zeros (a flat line at 0 says nothing
+    a note cannot)."""
+    logged = [r for r in runs if r.has(key)]
+    return bool(logged) and not all(r.all_zero(key) for r in logged)
+
+
 def _curves_figure(plt, runs: Sequence[Run], panels: Sequence[Panel], title: str, window: int, path: Path) -> list[str]:
     """One row (or two) of panels, a line per run; the panels some run logged. Returns the keys drawn."""
     from matplotlib.ticker import MaxNLocator
 
-    drawn = [p for p in panels if any(r.has(p.key) for r in runs)]
+    drawn = [p for p in panels if _worth_drawing(runs, p.key)]
     if not drawn:
         return []
     ncols = 2 if len(drawn) == 4 else min(len(drawn), 3)
@@ -315,6 +328,8 @@ def _notes(runs: Sequence[Run], drawn: set[str]) -> list[str]:
     for panel in TABLE_PANELS:
         if panel.key not in drawn and panel.key != "seconds" and not any(r.has(panel.key) for r in runs):
             notes.append(f"`{panel.key}` was logged by no run; its panel is left out.")
+        elif panel.key not in drawn and panel.key != "seconds" and not _worth_drawing(runs, panel.key):
+            notes.append(f"`{panel.key}` is 0 at every step of every run that logged it; its panel is left out.")
         elif panel.key in drawn:
             missing = [r.name for r in runs if not r.has(panel.key)]
             if missing:
