@@ -38,12 +38,13 @@ def test_keys(report):
     assert report["layout"]["world"] == 2 and report["layout"]["train"]["tp"] == 2
     assert report["config"]["overrides"] == TINY and report["config"]["resolved"]["data"]["prompts_per_step"] == 4
     assert report["settings"]["steps"] == 1 and report["settings"]["warmup"] == 1
-    assert set(report["settings"]["idle_stages"]) == {"ref", "values", "critic_update"}  # GRPO, no KL: actor only
+    # GRPO without a critic; KL out of the loss but monitored (algo.kl.monitor): the reference runs
+    assert set(report["settings"]["idle_stages"]) == {"values", "critic_update"}
     assert [r["warmup"] for r in report["rows"]] == [True, False]
     s = report["summary"]
     for stage in ("reshard", "generate", "reward", "ref", "old_logprobs", "values", "actor_update", "critic_update"):
         assert stage in s["stage_seconds"] and stage in s["tokens_per_s"]["stages"], stage
-    for stage in ("reshard", "generate", "reward", "old_logprobs", "actor_update"):
+    for stage in ("reshard", "generate", "reward", "ref", "old_logprobs", "actor_update"):
         assert s["memory"]["stages"][stage] > 0, stage
     assert s["memory"]["kind"] == "rss" and s["memory"]["step"] >= s["memory"]["switch"] > 0
     assert s["reshard"]["bytes"] > 0 and s["reshard"]["collectives"] >= 1
