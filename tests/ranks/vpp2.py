@@ -66,7 +66,7 @@ def _warm_start(grid, worker) -> list[float]:
                              ground_truth=str(3 * i)) for i in range(16)]
     cfg = SimpleNamespace(actor=SimpleNamespace(warm_start=WarmStartConfig(steps=2, batch_size=8, lr=1e-3),
                                                 micro_batch_tokens=4096), run=SimpleNamespace(seed=7))
-    run = SimpleNamespace(cfg=cfg, grid=grid, tokenizer=_Tokenizer(), actor=worker,
+    run = SimpleNamespace(cfg=cfg, grid=grid, tokenizer=_Tokenizer(), actor=worker, ref=None,
                           train_batches=SimpleNamespace(dataset=SimpleNamespace(items=items)))
     return warm_start(run)
 
