@@ -120,6 +120,11 @@ def test_a_panel_of_zeros_only_is_left_out_and_said(tmp_path):
     assert "truncation_rate" not in drawn and "entropy" in drawn
     assert "`truncation_rate` is 0 at every step of every run that logged it; its panel is left out." in \
         report._notes(load_runs([a, b]), set(drawn))
+    for row in zeros + some:  # a run that never learns: its flat reward curve is the point
+        row["reward_mean"] = 0.0
+    a0, b0 = _run(tmp_path / "a0", "a", "grpo", zeros), _run(tmp_path / "b0", "b", "grpo", some)
+    assert "reward_mean" in report._curves_figure(plt, load_runs([a0, b0]), report.REWARD_PANELS, "r", 1,
+                                                  tmp_path / "r.png")
     some[2]["truncation_rate"] = 0.25  # one run's one step: worth a panel
     b = _run(tmp_path / "b2", "b", "grpo", some)
     assert "truncation_rate" in report._curves_figure(plt, load_runs([a, b]), report.TRAINING_PANELS, "t", 1,

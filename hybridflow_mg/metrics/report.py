@@ -12,8 +12,9 @@ Reads each run's `metrics.jsonl` (what the `jsonl` sink wrote) and writes, into 
   steps, best).
 
 Several runs share each panel (A/B): a run keeps one colour and line style in every picture. A key that a
-run did not log is left out for that run and named under "Notes"; a panel no run logged, or that every run
-logged as 0 at every step, is left out (and named under "Notes").
+run did not log is left out for that run and named under "Notes"; a panel no run logged is left out, and so
+is a diagnostic one (`ppo_kl`, `kl`, `truncation_rate`) that every run logged as 0 at every step (named under
+"Notes"); a reward curve is drawn even when flat at 0.
 The directory is written beside its destination and moved into place complete, so a failed report leaves
 nothing half-written. matplotlib (Agg, no display) is imported only here, behind one guard.
 """
@@ -49,6 +50,9 @@ class Panel:
     """Logged every step: drawn raw (faint) plus a trailing mean; else (validation) as markers."""
     best: str | None = None
     """"max" or "min" when a best value means something (the final table's best column)."""
+    omit_if_all_zero: bool = False
+    """Left out (and named under Notes) when every run logged it as 0 at every step: for diagnostics
+    whose flat zero line says nothing (`ppo_kl` with one on-policy update per batch); never for rewards."""
 
 
 REWARD_PANELS = (
@@ -57,12 +61,13 @@ REWARD_PANELS = (
     Panel("val/accuracy", "Validation accuracy (greedy)", "accuracy (fraction correct)", per_step=False, best="max"),
 )
 TRAINING_PANELS = (
-    Panel("ppo_kl", "KL old → new policy (ppo_kl)", "KL (nats per token)"),
-    Panel("kl", "KL to the reference, in the loss (kl)", "KL (nats per token)"),
+    Panel("ppo_kl", "KL old → new policy (ppo_kl)", "KL (nats per token)", omit_if_all_zero=True),
+    Panel("kl", "KL to the reference, in the loss (kl)", "KL (nats per token)", omit_if_all_zero=True),
     Panel("rollout_kl", "KL to the reference (rollout_kl)", "KL (nats per token)"),
     Panel("entropy", "Policy entropy", "entropy (nats per token)"),
     Panel("response_len", "Response length (mean)", "tokens per response"),
-    Panel("truncation_rate", "Truncated responses (hit max_new_tokens)", "fraction of samples"),
+    Panel("truncation_rate", "Truncated responses (hit max_new_tokens or max_model_len)", "fraction of samples",
+          omit_if_all_zero=True),
     Panel("perf/tokens_per_s_per_rank", "Throughput (prompt + response tokens)", "tokens/s per rank", best="max"),
     Panel("critic/vf_loss", "Critic value loss (critic/vf_loss)", "value loss (squared error)"),
 )
@@ -184,18 +189,18 @@ def _style(i: int) -> dict:
     return {"color": COLORS[i % len(COLORS)], "linestyle": LINESTYLES[i % len(LINESTYLES)]}
 
 
-def _worth_drawing(runs: Sequence[Run], key: str) -> bool:
-    """Some run logged `key`, and not every run that did logged only zeros (a flat line at 0 says nothing
-    a note cannot)."""
-    logged = [r for r in runs if r.has(key)]
-    return bool(logged) and not all(r.all_zero(key) for r in logged)
+def _worth_drawing(runs: Sequence[Run], panel: Panel) -> bool:
+    """Some run logged the panel's key, and, for a panel `omit_if_all_zero`, not every run that did logged
+    only zeros (a flat line at 0 says nothing a note cannot)."""
+    logged = [r for r in runs if r.has(panel.key)]
+    return bool(logged) and not (panel.omit_if_all_zero and all(r.all_zero(panel.key) for r in logged))
 
 
 def _curves_figure(plt, runs: Sequence[Run], panels: Sequence[Panel], title: str, window: int, path: Path) -> list[str]:
     """One row (or two) of panels, a line per run; the panels some run logged. Returns the keys drawn."""
     from matplotlib.ticker import MaxNLocator
 
-    drawn = [p for p in panels if _worth_drawing(runs, p.key)]
+    drawn = [p for p in panels if _worth_drawing(runs, p)]
     if not drawn:
         return []
     ncols = 2 if len(drawn) == 4 else min(len(drawn), 3)
@@ -328,7 +333,7 @@ def _notes(runs: Sequence[Run], drawn: set[str]) -> list[str]:
     for panel in TABLE_PANELS:
         if panel.key not in drawn and panel.key != "seconds" and not any(r.has(panel.key) for r in runs):
             notes.append(f"`{panel.key}` was logged by no run; its panel is left out.")
-        elif panel.key not in drawn and panel.key != "seconds" and not _worth_drawing(runs, panel.key):
+        elif panel.key not in drawn and panel.key != "seconds" and not _worth_drawing(runs, panel):
             notes.append(f"`{panel.key}` is 0 at every step of every run that logged it; its panel is left out.")
         elif panel.key in drawn:
             missing = [r.name for r in runs if not r.has(panel.key)]
