@@ -123,7 +123,14 @@ def _stand_in(fail_seed: int | None = None):
 
 def test_sweep_through_the_cli(tmp_path, monkeypatch):
     runner, calls = _stand_in()
-    monkeypatch.setattr(sweep, "run_cli", runner)
+    threads = []
+
+    def recording(argv, log, env):
+        threads.append(env.get("OMP_NUM_THREADS"))
+        return runner(argv, log, env)
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(sweep, "run_cli", recording)
     proc = cli("sweep", "configs/quickstart.yaml", "--seeds", "3", f"run.output_dir={tmp_path}",
                "trainer.total_steps=1")
     assert proc.returncode == 0, proc.stderr
@@ -150,6 +157,7 @@ def test_sweep_through_the_cli(tmp_path, monkeypatch):
     md = (out / "sweep.md").read_text()
     assert "| `val_reward` | 0.6 ± 0.1 | 0.5 | 0.6 | 0.7 |" in md and "| 0.750 | 0.750 | 0.144 |" in md
     assert "answers agree on 0.750 of 4 prompts" in proc.stdout
+    assert threads == ["1"] * 6  # on CPU one compute thread per rank, as launch/quickstart.sh runs it
 
 
 def test_a_failed_seed_is_named(tmp_path, monkeypatch):

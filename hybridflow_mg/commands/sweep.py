@@ -30,7 +30,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     import signal
-
     import sys
 
     from hybridflow_mg.evaluation.sweep import CHILDREN, SweepStopped, plan_sweep, run_seeds, write_sweep
@@ -39,6 +38,7 @@ def run(args) -> int:
     plan = plan_sweep(args.config, args.overrides, num_seeds=args.seeds, nproc=args.nproc, parallel=args.parallel,
                       out=args.out, data=args.data)
     # a SIGTERM to the sweep stops its runs too (each saves a checkpoint; the same command resumes them)
+    CHILDREN.stopped_by = None  # a sweep stopped earlier in this process does not stop this one
     signal.signal(signal.SIGTERM, CHILDREN.forward)
     try:
         rows = run_seeds(plan)

@@ -30,7 +30,11 @@ denominator):
   (`answers.answer_of`); a missing answer (None) equals nothing, not even another missing one.
 
 A failed run stops the sweep with one line naming the seed, its status, its log and what was
-written before it; no sweep.json is written then.
+written before it; no sweep.json is written then. A SIGTERM to the sweep is passed to its running child
+(`Children`): a training job saves a checkpoint and stops, no further child starts, and the sweep
+exits 75 (`SweepStopped`); the same command resumes. Logs are appended to, so a resumed seed's log
+keeps its first part. On CPU each child gets `OMP_NUM_THREADS=1` unless set (one compute thread per
+rank, as `launch/quickstart.sh` runs the quickstart: its ranks share the cores).
 """
 from __future__ import annotations
 
@@ -278,7 +282,7 @@ class Children:
         """`cmd` with stdout and stderr into `log`; its exit status. SweepStopped once a signal was
         forwarded (a child started in the meantime is passed the signal too)."""
         self.check()
-        with open(log, "w") as f:
+        with open(log, "a") as f:  # a resumed seed's log keeps its first part
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
             with self._lock:
                 self._running.add(proc)
@@ -346,7 +350,7 @@ def run_seeds(plan: SweepPlan, runner: Runner | None = None) -> list[dict[str, A
     """Every seed's row, in seed order. `plan.parallel` lanes, each running its seeds one after another
     (lane j takes seeds j, j + P, …; on GPUs its own slice of CUDA_VISIBLE_DEVICES). The first failure
     starts no further seed; seeds already running finish. SweepError names the failed seed and what was
-    written."""
+    written; SweepStopped (a subclass) when a forwarded signal stopped the sweep instead."""
     runner = runner or run_cli
     (plan.out / "logs").mkdir(parents=True, exist_ok=True)
     done: dict[int, dict[str, Any]] = {}
@@ -355,6 +359,8 @@ def run_seeds(plan: SweepPlan, runner: Runner | None = None) -> list[dict[str, A
 
     def lane(j: int) -> None:
         env = dict(os.environ)
+        if not _num_gpus():
+            env.setdefault("OMP_NUM_THREADS", "1")  # as launch/quickstart.sh: the ranks share the CPU cores
         if plan.parallel > 1 and _num_gpus():
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in range(j * plan.nproc, (j + 1) * plan.nproc))
         for run in plan.runs[j::plan.parallel]:
@@ -380,9 +386,9 @@ def run_seeds(plan: SweepPlan, runner: Runner | None = None) -> list[dict[str, A
             th.join()
     if failures:
         kept = "; ".join(f"seed {i}: {done[i]['run_dir']} and {done[i]['eval_json']}" for i in sorted(done))
-        if any(isinstance(f, SweepStopped) for f in failures):
-            raise SweepStopped(f"sweep: {failures[0]}; seeds finished: {kept or 'none'}; a running training job "
-                               "saved a checkpoint; the same command resumes the sweep")
+        if all(isinstance(f, SweepStopped) for f in failures):  # a real failure in another lane is said as such
+            raise SweepStopped(f"sweep: {failures[0]}; seeds finished: {kept or 'none'}; a training job that was "
+                               "running saved a checkpoint and stopped; the same command resumes the sweep")
         raise SweepError(f"sweep: {failures[0]}. Finished before it: {kept or 'no seed'}; no sweep.json was written")
     return [done[r.index] for r in plan.runs]
 
