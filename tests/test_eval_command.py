@@ -149,13 +149,16 @@ def test_a_checkpoints_reference_is_a_policy_and_its_critic_is_not(world, tmp_pa
     from hybridflow_mg.checkpoint.megatron import META
     from hybridflow_mg.evaluation.inputs import resolve_model
 
+    shutil.copytree(world / "ck" / "tokenizer", tmp_path / "tokenizer")  # tmp_path stands in for the checkpoint
     for role in ("reference", "critic"):
         where = tmp_path / role
         shutil.copytree(world / "ck", where)
+        shutil.rmtree(where / "tokenizer")  # saved only with the actor
         meta = json.loads((where / META).read_text())
         (where / META).write_text(json.dumps({**meta, "role": role}))
         if role == "reference":
-            assert resolve_model(str(where), "--ref").format == "checkpoint"
+            source = resolve_model(str(where), "--ref")
+            assert source.format == "checkpoint" and source.tokenizer_dir == tmp_path / "tokenizer"
         else:
             with pytest.raises(ValueError, match=r"holds critic weights \(a value head\), not a policy"):
                 resolve_model(str(where), "--ref")

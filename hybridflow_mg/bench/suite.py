@@ -37,7 +37,6 @@ from hybridflow_mg.bench import RESULTS
 from hybridflow_mg.bench.scale import ScaleSettings, cli, run_scale, sweep_table
 
 
-
 @dataclass(kw_only=True)
 class SuiteSettings:
     """What `bench all` runs; `quick()` is `--quick`."""

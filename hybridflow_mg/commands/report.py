@@ -1,6 +1,6 @@
 """`hybridflow-mg report RUN_DIR [RUN_DIR ...]`: PNG charts and a markdown table of one run or several side by
-side (A/B), from each run's metrics.jsonl: reward and validation curves; KL, entropy and response length;
-stage times; the final metrics. No processes, no model: it reads the files a run wrote.
+side (A/B), from each run's metrics.jsonl: reward and validation curves; KL, entropy, response length, truncation,
+throughput and the critic's value loss; stage times; the final metrics. No processes, no model: it reads the files a run wrote.
 """
 from __future__ import annotations
 

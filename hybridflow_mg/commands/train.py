@@ -2,7 +2,8 @@
 
 A thin wrapper around `Trainer(config).fit()` (trainer/trainer.py). `--nproc N` starts N local
 processes (parallel/local_launch.py; the CPU quickstart uses 4). The run directory (`run.output_dir/run.name`)
-gets the resolved config, `metrics.jsonl`, and the final actor checkpoint.
+gets the resolved config, `metrics.jsonl`, and checkpoints (the final one holds the actor's weights, the
+optimizer states, the trainer state, and the critic's and the reference's weights when the run has them).
 """
 from __future__ import annotations
 

@@ -92,8 +92,11 @@ def resolve_model(path: str, flag: str = "MODEL") -> ModelSource:
         if spec.dims != meta.model_dims:
             raise ValueError(f"{flag} {path!r}: its {META} records dims that its HF config does not give; the "
                              "checkpoint is damaged: re-save or re-convert it")
+        tokenizer = p / "tokenizer"
+        if not tokenizer.is_dir() and meta.role == "reference":  # a training checkpoint's reference/: its actor's
+            tokenizer = p.parent / "tokenizer"
         return ModelSource(path=p, format="checkpoint", hf_config=meta.hf_config, spec=spec,
-                           tokenizer_dir=p / "tokenizer" if (p / "tokenizer").is_dir() else None,
+                           tokenizer_dir=tokenizer if tokenizer.is_dir() else None,
                            saved_layout={"tp": meta.tp, "pp": meta.pp}, step=step)
     has_weights = (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file()
     if (p / "config.json").is_file() and has_weights:

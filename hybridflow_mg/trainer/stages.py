@@ -284,7 +284,7 @@ def step_metrics(run, r: Rollouts, rewards: Rewards, experience: Experience, kee
     """Batch statistics over all data-parallel ranks, and the rollout/actor log-prob mismatch.
 
     Keys: reward_mean / reward_std (over samples), response_len (tokens per sample, the stop token
-    counted), truncation_rate (share of samples that hit `max_new_tokens`), rollout_logprob_diff (token
+    counted), truncation_rate (share of samples that hit `max_new_tokens` or the engine's `max_model_len`), rollout_logprob_diff (token
     mean |log π_vLLM − log π_Megatron|) and its max, samples_kept (DAPO), reshard_mb / reshard_collectives
     (this rank's weight sync), kl_coef, perf/prompt_tokens and perf/response_tokens (the step's batch,
     whole job); with a reference model rollout_kl (token mean KL(π_old ‖ π_ref), `algo.kl.estimator`)."""
